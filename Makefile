@@ -1,0 +1,32 @@
+# Set-up and main commands. `make quick` runs the main job offline; `make test` runs the test suite.
+# torch is installed first and pinned (constraints.txt): an unpinned `torch` would pull a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fwlora-installed
+
+.PHONY: install quick test bench-cpu overhead clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+quick: $(STAMP)  ## the README's main command: LoRA vs AdaLoRA vs FW-LoRA on real GLUE, offline, minutes
+	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset quick --output-dir runs/quick
+
+test: $(STAMP)   ## the test suite (CI runs exactly this)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench-cpu: $(STAMP)  ## the committed headline results (hours on 2 CPU cores; resumable)
+	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset cpu --output-dir runs/cpu
+
+overhead: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

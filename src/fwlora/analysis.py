@@ -1,0 +1,109 @@
+"""Per-matrix statistics of a trained adapter, and the numbers behind METHOD.md's open questions.
+Pure functions of tensors and plain data, used by training (to record) and by the report (to read)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def split_matrix_name(name: str) -> tuple[int | None, str]:
+    """'bert.encoder.layer.3.attention.self.query' -> (3, 'attention.self.query')."""
+    m = _LAYER.search(name)
+    if not m:
+        return None, name
+    return int(m.group(1)), name[m.end():]
+
+
+def singular_values(delta: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(delta.double())
+
+
+def effective_rank(sv: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank exp(H(p)), p = sigma / sum sigma: 1 for a rank-1 update,
+    r for r equal singular values, 0 for a zero update."""
+    total = sv.sum()
+    if total <= 0:
+        return 0.0
+    p = sv[sv > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def numerical_rank(sv: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Singular values above max(shape) * eps(float32) * sigma_max (numpy's matrix_rank rule, float32)."""
+    if sv.numel() == 0 or sv[0] <= 0:
+        return 0
+    tol = max(shape) * torch.finfo(torch.float32).eps * sv[0]
+    return int((sv > tol).sum())
+
+
+def matrix_table(
+    deltas: dict[str, torch.Tensor],
+    fisher: dict[str, float] | None = None,
+    importance: dict[str, float] | None = None,
+    adalora_rank: dict[str, int] | None = None,
+    keep_singular_values: int = 16,
+) -> list[dict]:
+    """One row per adapted matrix: ||dW||_F, effective and numerical rank, top singular values, and
+    (when given) FW-LoRA's F_m, I_m and AdaLoRA's final rank."""
+    rows = []
+    for name, delta in deltas.items():
+        sv = singular_values(delta)
+        layer, kind = split_matrix_name(name)
+        row = {
+            "name": name, "layer": layer, "kind": kind, "shape": list(delta.shape),
+            "fro_norm": float(sv.square().sum().sqrt()),
+            "effective_rank": effective_rank(sv),
+            "numerical_rank": numerical_rank(sv, tuple(delta.shape)),
+            "singular_values": sv[:keep_singular_values].tolist(),
+        }
+        for key, values in (("fisher", fisher), ("importance", importance), ("adalora_rank", adalora_rank)):
+            if values is not None:
+                row[key] = values.get(name)
+        rows.append(row)
+    return rows
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / quartiles / max / mean / std of a list of numbers."""
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if a.size == 0:
+        return {}
+    q = np.quantile(a, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"min": q[0], "q1": q[1], "median": q[2], "q3": q[3], "max": q[4], "mean": a.mean(), "std": a.std(),
+            "n": int(a.size)}
+
+
+def uniformity_of_weights(importance: Sequence[float]) -> dict[str, float]:
+    """How far the penalty weights (1 - I_m) are from a uniform weight decay on dW.
+
+    Returns the spread of (1 - I_m) and its relative range (max - min) / mean: 0 would be exactly a
+    uniform decay; with M matrices and I summing to 1 the mean weight is 1 - 1/M.
+    """
+    w = [1.0 - i for i in importance]
+    s = spread(w)
+    if s:
+        s["relative_range"] = (s["max"] - s["min"]) / s["mean"] if s["mean"] else float("nan")
+    return s
+
+
+def log_norm_shift(norms_a: Sequence[float], norms_b: Sequence[float]) -> dict[str, float]:
+    """Paired comparison of per-matrix ||dW|| between two runs (b vs a, matched by position):
+    the mean and spread of log(b / a), and the Spearman correlation of the two orderings."""
+    from scipy.stats import spearmanr
+
+    a = np.asarray(norms_a, dtype=float)
+    b = np.asarray(norms_b, dtype=float)
+    ok = (a > 0) & (b > 0)
+    ratio = np.log(b[ok] / a[ok])
+    rho = spearmanr(a[ok], b[ok]).statistic if ok.sum() > 2 else float("nan")
+    return {"mean_log_ratio": float(ratio.mean()) if ratio.size else float("nan"),
+            "std_log_ratio": float(ratio.std()) if ratio.size else float("nan"),
+            "geometric_mean_ratio": float(np.exp(ratio.mean())) if ratio.size else float("nan"),
+            "spearman": float(rho), "n": int(ok.sum())}

@@ -1,0 +1,131 @@
+"""`fwlora`: argument parsing and error reporting only; the work happens in the modules it calls.
+
+Exit codes: 0 done, 1 a run failed (diverged), 2 a mistake in the input (message, no traceback),
+130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from fwlora.config import TrainConfig, config_fields, load_config_file
+from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
+from fwlora.method import FWLoRAError
+
+log = logging.getLogger("fwlora")
+
+EPILOG_TRAIN = """examples:
+  fwlora train --task cola --method fwlora --rank 2 --lr 1e-3 --data-dir ../shared/glue
+  fwlora train --model roberta-base --task sst2 --method adalora --budget 0.2
+  fwlora train --config best_fwlora.yaml --seed 1 --output-dir runs/seed1
+settings come from: defaults < --config FILE < flags given on the command line."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field, help text from the field; defaults stay unset (None) so that a
+    config file can fill what the command line leaves out."""
+    group = parser.add_argument_group("training settings (also accepted in --config FILE)")
+    for f in config_fields():
+        if f.name in skip:
+            continue
+        kind = str(f.type)
+        default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
+        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text.replace("%%", "%%")}
+        if kind.startswith("bool"):
+            group.add_argument(_flag(f.name), action="store_const", const=True, **kwargs)
+            continue
+        if kind.startswith("list"):
+            kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+        elif kind.startswith("int"):
+            kwargs["type"] = int
+        elif kind.startswith("float"):
+            kwargs["type"] = float
+        kwargs["metavar"] = f.name.upper()
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def collect_train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings from --config FILE, overridden by the flags given on the command line."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+    if "rank" in given:
+        values.pop("budget", None)
+    if "budget" in given:
+        values.pop("rank", None)
+    values.update(given)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fwlora",
+        description="Fisher-Weighted LoRA: train it, and compare it honestly with LoRA and AdaLoRA.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train one model (LoRA, AdaLoRA or FW-LoRA) on one GLUE task",
+                           description="Train one run and write its directory: config.json, result.json "
+                                       "(metrics, timings, per-matrix statistics), adapter/.",
+                           epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", metavar="FILE", help="YAML or JSON file of training settings")
+    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace whatever --output-dir holds")
+    add_train_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    from fwlora import bench, report, sweep
+
+    bench.add_parser(sub)
+    report.add_parser(sub)
+    sweep.add_parser(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fwlora.train import quiet_transformers, train
+
+    cfg = TrainConfig.from_dict(collect_train_settings(args), source=args.config or "command line")
+    with quiet_transformers():
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    final, metric = result["final"], result["metric"]
+    print(f"{cfg.task} {cfg.method}: final {metric} {final[metric]:.4f} (best {result['best'][metric]:.4f} "
+          f"at epoch {result['best']['epoch']}), training {result['timing']['train_seconds']:.1f} s, "
+          f"rank {result['budget']['rank']} = {result['budget']['percent']:.3f} % of the backbone -> {cfg.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.handler(args)
+    except (UserError, FWLoRAError) as e:
+        print(f"fwlora: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"fwlora: training diverged: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"fwlora: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("fwlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""GLUE classification tasks from a local directory or the Hugging Face hub; tokenisation; batching.
+
+Local layout (see ../shared/glue/README.md): <data_dir>/<task>/{train,validation}.tsv, UTF-8, a header
+`sentence<TAB>label` or `sentence1<TAB>sentence2<TAB>label`, no quoting. The directory comes from
+--data-dir or $FWLORA_DATA_DIR; without one, the `datasets` hub loader (nyu-mll/glue) is tried.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fwlora.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "FWLORA_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A GLUE classification task: its text columns, classes, headline metric and hub split names."""
+
+    name: str
+    text_fields: tuple[str, ...]
+    num_labels: int
+    metric: str  # the headline metric: "mcc" or "accuracy"
+    validation_split: str = "validation"
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_fields) == 2
+
+    @property
+    def header(self) -> tuple[str, ...]:
+        return self.text_fields + ("label",)
+
+
+_SINGLE = ("sentence",)
+_PAIR = ("sentence1", "sentence2")
+TASKS: dict[str, TaskSpec] = {
+    "cola": TaskSpec("cola", _SINGLE, 2, "mcc"),
+    "sst2": TaskSpec("sst2", _SINGLE, 2, "accuracy"),
+    "mrpc": TaskSpec("mrpc", _PAIR, 2, "accuracy"),
+    "qqp": TaskSpec("qqp", _PAIR, 2, "accuracy"),
+    "qnli": TaskSpec("qnli", _PAIR, 2, "accuracy"),
+    "rte": TaskSpec("rte", _PAIR, 2, "accuracy"),
+    "wnli": TaskSpec("wnli", _PAIR, 2, "accuracy"),
+    "mnli": TaskSpec("mnli", _PAIR, 3, "accuracy", validation_split="validation_matched"),
+}
+# The hub's column names differ from the local files' for a few pair tasks.
+_HUB_COLUMNS = {"qqp": ("question1", "question2"), "qnli": ("question", "sentence"), "mnli": ("premise", "hypothesis")}
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name == "stsb":
+        raise UserError("stsb is a regression task; fwlora trains classification tasks: " + ", ".join(TASKS))
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]
+    label: int
+
+
+def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
+    """Read one split; every malformed line is a DataError naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected <data-dir>/{spec.name}/{path.name})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(rows, None)
+    if header is None:
+        raise DataError(f"{path}: the file is empty (expected a header {'<TAB>'.join(spec.header)})")
+    if tuple(header) != spec.header:
+        raise DataError(f"{path}:1: header is {'<TAB>'.join(header)!r}, expected {'<TAB>'.join(spec.header)!r}")
+    examples = []
+    for lineno, row in enumerate(rows, start=2):
+        if len(row) != len(spec.header):
+            what = "no tab" if len(row) == 1 else f"{len(row)} fields"
+            raise DataError(f"{path}:{lineno}: {what}, expected {len(spec.header)} tab-separated fields")
+        *texts, label = row
+        try:
+            value = int(label)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: label {label!r} is not an integer") from None
+        if not 0 <= value < spec.num_labels:
+            raise DataError(f"{path}:{lineno}: label {value} is not a class of {spec.name} (0..{spec.num_labels - 1})")
+        examples.append(Example(tuple(texts), value))
+    if not examples:
+        raise DataError(f"{path}: the file has a header but no examples")
+    return examples
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """--data-dir, else $FWLORA_DATA_DIR, else None (the hub)."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+    if not chosen:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist")
+    return path
+
+
+def load_task(task: str, data_dir: str | os.PathLike | None = None) -> tuple[list[Example], list[Example], str]:
+    """(train, validation, source) of a task, from the local directory or else the hub."""
+    spec = task_spec(task)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        folder = root / spec.name
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such directory (the data directory {root} has no {spec.name}/ folder)")
+        return read_tsv(folder / "train.tsv", spec), read_tsv(folder / "validation.tsv", spec), str(folder)
+    return _load_from_hub(spec)
+
+
+def _load_from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example], str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("nyu-mll/glue", spec.name)
+    except Exception as e:  # offline, no cache, hub down: all end the same way for the user
+        raise UserError(
+            f"could not load GLUE {spec.name}: no local data directory was given (--data-dir or ${DATA_DIR_ENV}) "
+            f"and the Hugging Face hub loader failed ({type(e).__name__}: {str(e)[:200]}). "
+            f"Fix: pass --data-dir DIR with DIR/{spec.name}/train.tsv and validation.tsv, or run with internet access."
+        ) from None
+    columns = _HUB_COLUMNS.get(spec.name, spec.text_fields)
+
+    def convert(split: str) -> list[Example]:
+        return [Example(tuple(row[c] for c in columns), int(row["label"])) for row in ds[split]]
+
+    return convert("train"), convert(spec.validation_split), f"hub:nyu-mll/glue/{spec.name}"
+
+
+def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """A seeded random subset of `limit` examples (the same for every method and run seed), in file order."""
+    if limit is None or limit >= len(examples):
+        return examples
+    if limit < 1:
+        raise UserError(f"--train-limit must be >= 1, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def encode(examples: list[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Tokenise (truncating to max_length, no padding: the collator pads each batch)."""
+    columns = list(zip(*(e.texts for e in examples)))
+    enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    keys = list(enc.keys())
+    return [{**{k: enc[k][i] for k in keys}, "labels": e.label} for i, e in enumerate(examples)]

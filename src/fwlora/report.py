@@ -1,0 +1,4 @@
+"""(in progress)"""
+
+def add_parser(sub):
+    pass

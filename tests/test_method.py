@@ -1,0 +1,415 @@
+"""FW-LoRA's math against independent references: autograd on the frozen weights, float64, explicit
+B @ A products, hand-rolled EMAs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TARGETS, batch, lora, tiny_bert
+
+from fwlora import FisherWeightedLoRA, FWLoRAConfig, FWLoRAError, delta_weight_sq_norm
+from fwlora.method import find_lora_layers
+
+
+def base_weight_grads(peft_model, fw):
+    """Switch autograd on for the frozen weights (the expensive reference FW-LoRA avoids)."""
+    weights = {n: fw.layers[n].get_base_layer().weight for n in fw.names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    return weights
+
+
+def test_fisher_after_one_step_equals_autograd_float64():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3, beta=0.9))
+    weights = base_weight_grads(model, fw)
+    model(**batch()).loss.backward()
+    fw.step()
+    assert fw.steps_done == 1
+    for name, w in weights.items():
+        expected = (1 - 0.9) * w.grad.double().pow(2).sum().item()
+        assert expected > 0
+        assert fw.fisher[name] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fisher_is_an_ema_over_steps_with_training_in_between():
+    torch.manual_seed(0)
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=10, beta=0.8))
+    weights = base_weight_grads(model, fw)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.5)
+    ema = {n: 0.0 for n in fw.names}
+    for step in range(4):
+        model(**batch(seed=step)).loss.backward()
+        for n, w in weights.items():
+            ema[n] = 0.8 * ema[n] + 0.2 * w.grad.double().pow(2).sum().item()
+            w.grad = None
+        fw.step()
+        opt.step()
+        opt.zero_grad()
+    for n in fw.names:
+        assert fw.fisher[n] == pytest.approx(ema[n], rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sketch"])
+def test_accumulation_gives_the_statistic_of_the_global_batch(estimator):
+    full = batch(n=32, seed=3)
+    config = FWLoRAConfig(warmup_steps=5, estimator=estimator, sketch_size=4)
+    one = lora(tiny_bert())
+    fw_one = FisherWeightedLoRA(one, config)
+    one(**full).loss.backward()
+    fw_one.step()
+
+    two = lora(tiny_bert())
+    fw_two = FisherWeightedLoRA(two, config)
+    for half in (slice(0, 16), slice(16, 32)):
+        (two(**{k: v[half] for k, v in full.items()}).loss / 2).backward()
+    fw_two.step()
+    for n in fw_one.names:
+        assert fw_two.fisher[n] == pytest.approx(fw_one.fisher[n], rel=1e-5)
+
+
+def test_per_micro_batch_norms_would_differ():
+    """The check above can fail: summing per-micro-batch norms (the wrong statistic) differs."""
+    full = batch(n=32, seed=3)
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5))
+    weights = base_weight_grads(model, fw)
+    wrong = {n: 0.0 for n in fw.names}
+    for half in (slice(0, 16), slice(16, 32)):
+        (model(**{k: v[half] for k, v in full.items()}).loss / 2).backward()
+        for n, w in weights.items():
+            wrong[n] += w.grad.pow(2).sum().item()
+            w.grad = None
+    fw.step()
+    assert any(abs(fw.fisher[n] / (0.02 * wrong[n]) - 1) > 1e-3 for n in fw.names)
+
+
+def test_sketch_estimate_is_unbiased_and_tracks_exact():
+    model = lora(tiny_bert())
+    exact = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=500, beta=0.5))
+    model(**batch(n=16)).loss.backward()
+    exact.step()
+    exact.remove()
+    estimates = []
+    for seed in range(200):
+        fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=500, beta=0.5, estimator="sketch", sketch_size=4, seed=seed))
+        model.zero_grad()
+        model(**batch(n=16)).loss.backward()
+        fw.step()
+        fw.remove()
+        estimates.append(fw.fisher)
+    for n in exact.names:
+        mean = sum(e[n] for e in estimates) / len(estimates)
+        # 200 draws of a p=4 sketch: relative standard error <= sqrt(2/4/200) = 5 %
+        assert mean == pytest.approx(exact.fisher[n], rel=0.2)
+
+
+def test_measure_every_k_uses_beta_to_the_k():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=6, beta=0.9, measure_every=3))
+    weights = base_weight_grads(model, fw)
+    expected = {n: 0.0 for n in fw.names}
+    for step in range(6):
+        model(**batch(seed=step)).loss.backward()
+        if step % 3 == 0:
+            for n, w in weights.items():
+                expected[n] = 0.9**3 * expected[n] + (1 - 0.9**3) * w.grad.pow(2).sum().item()
+        for w in weights.values():
+            w.grad = None
+        fw.step()
+    for n in fw.names:
+        assert fw.fisher[n] == pytest.approx(expected[n], rel=1e-6)
+
+
+def explicit_penalty(model, fw, lam):
+    """lambda * sum (1 - I_m) ||s B A||_F^2, materialising B @ A in float64."""
+    total = 0.0
+    for n in fw.names:
+        layer = fw.layers[n]
+        a = layer.lora_A["default"].weight.double()
+        b = layer.lora_B["default"].weight.double()
+        dw = layer.scaling["default"] * (b @ a)
+        total = total + (1 - fw.importance[n]) * dw.pow(2).sum()
+    return lam * total
+
+
+@pytest.mark.parametrize("rslora,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_penalty_and_its_gradients_equal_the_explicit_form(rslora, dropout):
+    model = lora(tiny_bert(dropout=dropout), r=3, alpha=5.0, rslora=rslora, dropout=dropout)
+    model.train()
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(lambda_fw=0.3, warmup_steps=1))
+    model(**batch()).loss.backward()
+    fw.step()
+    model.zero_grad()
+    scaling = next(iter(fw.layers.values())).scaling["default"]
+    assert scaling == pytest.approx(5.0 / math.sqrt(3) if rslora else 5.0 / 3)
+
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    ours = fw.penalty()
+    grads = torch.autograd.grad(ours, params)
+    reference = explicit_penalty(model, fw, 0.3)
+    ref_grads = torch.autograd.grad(reference, params)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_gradients_of_the_gram_term():
+    """METHOD.md: d/dB = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    s = 1.7
+    value = delta_weight_sq_norm(a, b, s)
+    assert value.item() == pytest.approx((s * b @ a).pow(2).sum().item(), rel=1e-12)
+    ga, gb = torch.autograd.grad(value, (a, b))
+    torch.testing.assert_close(gb, 2 * s**2 * b @ (a @ a.T))
+    torch.testing.assert_close(ga, 2 * s**2 * (b.T @ b) @ a)
+
+
+def test_penalty_is_of_dw_not_of_a_and_b():
+    """Scaling A up and B down leaves ||dW|| (and the penalty) unchanged; ||A||^2 + ||B||^2 changes."""
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    model(**batch()).loss.backward()
+    fw.step()
+    before = fw.penalty().item()
+    with torch.no_grad():
+        for layer in fw.layers.values():
+            layer.lora_A["default"].weight.mul_(4.0)
+            layer.lora_B["default"].weight.div_(4.0)
+    assert fw.penalty().item() == pytest.approx(before, rel=1e-10)
+
+
+def test_warmup_boundary_and_frozen_importance():
+    torch.manual_seed(0)
+    model = lora(tiny_bert())
+    k = 3
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=k, lambda_fw=1.0))
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.1)
+    for step in range(1, k + 1):
+        penalty = fw.penalty()
+        assert penalty.item() == 0.0 and not penalty.requires_grad  # no penalty through step K
+        assert fw.importance == {}
+        (model(**batch(seed=step)).loss + penalty).backward()
+        fw.step()
+        opt.step()
+        opt.zero_grad()
+    assert fw.steps_done == k and not fw.in_warmup
+    importance, fisher = fw.importance, fw.fisher
+    assert sum(importance.values()) == pytest.approx(1.0)
+    assert importance == pytest.approx({n: f / sum(fisher.values()) for n, f in fisher.items()})
+    assert fw._handles == []  # no measuring after warm-up: zero overhead
+    for step in range(3):  # penalty from step K+1 on; F and I stay frozen
+        penalty = fw.penalty()
+        assert penalty.item() > 0 and penalty.requires_grad
+        (model(**batch(seed=10 + step)).loss + penalty).backward()
+        fw.step()
+        opt.step()
+        opt.zero_grad()
+    assert fw.fisher == fisher and fw.importance == importance
+
+
+def test_max_normalisation():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, normalization="max"))
+    model(**batch()).loss.backward()
+    fw.step()
+    assert max(fw.importance.values()) == pytest.approx(1.0)
+    top = max(fw.fisher, key=fw.fisher.get)
+    assert fw.importance[top] == 1.0
+
+
+def test_warmup_keeps_no_weight_gradients():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5))
+    model(**batch()).loss.backward()
+    for layer in fw.layers.values():
+        assert layer.get_base_layer().weight.grad is None
+        assert not layer.get_base_layer().weight.requires_grad
+    fw.step()
+    assert fw._acc == {}  # accumulators freed at every step
+
+
+def test_save_load_round_trip_continues_identically(tmp_path):
+    def run(steps, fw, model, opt, start=0):
+        for step in range(start, steps):
+            (model(**batch(seed=step)).loss + fw.penalty()).backward()
+            fw.step()
+            opt.step()
+            opt.zero_grad()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = lora(tiny_bert())
+        return model, torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.1)
+
+    config = FWLoRAConfig(warmup_steps=4, lambda_fw=0.5, estimator="sketch", sketch_size=3)
+    model, opt = fresh()
+    fw = FisherWeightedLoRA(model, config)
+    run(2, fw, model, opt)
+    fw.save(tmp_path)
+    adapter_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    run(7, fw, model, opt, start=2)
+
+    model2, opt2 = fresh()
+    with torch.no_grad():
+        for n, p in model2.named_parameters():
+            if n in adapter_state:
+                p.copy_(adapter_state[n])
+    fw2 = FisherWeightedLoRA.from_pretrained(model2, tmp_path)
+    assert fw2.steps_done == 2 and fw2.config == config
+    run(7, fw2, model2, opt2, start=2)
+    assert fw2.fisher == pytest.approx(fw.fisher, rel=1e-12)
+    assert fw2.importance == pytest.approx(fw.importance, rel=1e-12)
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_adapter_stays_a_standard_peft_adapter(tmp_path):
+    from peft import PeftModel
+
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    model(**batch()).loss.backward()
+    fw.step()
+    model.save_pretrained(tmp_path)
+    fw.save(tmp_path)
+    model.eval()
+    expected = model(**batch(seed=9)).logits
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(**batch(seed=9)).logits, expected)
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(merged(**batch(seed=9)).logits, expected)
+    fw2 = FisherWeightedLoRA.from_pretrained(PeftModel.from_pretrained(tiny_bert(), tmp_path), tmp_path)
+    assert fw2.importance == pytest.approx(fw.importance)
+
+
+def test_causal_lm_from_a_tiny_random_config():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=2, target_modules=targets))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    assert len(fw.names) == 2 * len(targets)
+    weights = base_weight_grads(model, fw)
+    ids = torch.randint(0, 64, (3, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    fw.step()
+    for n, w in weights.items():
+        assert fw.fisher[n] == pytest.approx(0.02 * w.grad.pow(2).sum().item(), rel=1e-6)
+    assert fw.penalty().item() == 0.0  # B = 0 at PEFT's initialisation
+
+
+def test_custom_module_is_supported():
+    from peft import LoraConfig, get_peft_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).double()
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0", "2"]))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    weights = base_weight_grads(model, fw)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    fw.step()
+    for n, w in weights.items():
+        assert fw.fisher[n] == pytest.approx(0.02 * w.grad.pow(2).sum().item(), rel=1e-9)
+
+
+def test_classification_head_is_never_adapted_by_fw():
+    """A bare 'dense' target also hits RoBERTa's head (classifier.dense); the head in modules_to_save
+    is trained in full and left out of FW-LoRA."""
+    model = lora(tiny_bert(arch="roberta"), targets=["query", "value", "dense"])
+    names = list(find_lora_layers(model))
+    assert names and not any("classifier" in n for n in names)
+    head = [p for n, p in model.named_parameters() if "classifier.modules_to_save" in n]
+    assert head and all(p.requires_grad for p in head)  # trained in full, outside the budget
+
+
+def test_grad_scale_is_divided_out_and_overflow_steps_skipped():
+    model = lora(tiny_bert())
+    plain = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5))
+    model(**batch()).loss.backward()
+    plain.step()
+    plain.remove()
+    model.zero_grad()
+    scaled = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5))
+    (model(**batch()).loss * 1024.0).backward()
+    scaled.step(grad_scale=1024.0)
+    assert scaled.fisher == pytest.approx(plain.fisher, rel=1e-9)
+    before = scaled.fisher
+    (model(**batch()).loss * float("inf")).backward()
+    scaled.step(grad_scale=1024.0)  # an overflowed step: the scaler skips it, and so does F
+    assert scaled.fisher == before and scaled.steps_done == 2
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_model_without_lora_is_refused():
+    with pytest.raises(FWLoRAError, match="no LoRA-adapted linear layer"):
+        FisherWeightedLoRA(tiny_bert())
+
+
+def test_adalora_model_is_refused():
+    from peft import AdaLoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=3, target_r=2, total_step=100, target_modules=["query"]))
+    with pytest.raises(FWLoRAError, match="AdaLoRA"):
+        FisherWeightedLoRA(model)
+
+
+def test_all_zero_fisher_names_the_problem():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    out = model(**batch())
+    (out.logits.sum() * 0.0).backward()  # a loss that does not depend on the weights
+    with pytest.raises(FWLoRAError, match="all Fisher scores are zero after 1 warm-up steps"):
+        fw.step()
+
+
+def test_step_without_backward_is_refused():
+    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2))
+    with pytest.raises(FWLoRAError, match="no gradient reached"):
+        fw.step()
+
+
+def test_non_finite_fisher_names_layer_and_step():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3))
+    for step in range(3):
+        loss = model(**batch(seed=step)).loss
+        if step == 1:
+            loss = loss * float("nan")
+        loss.backward()
+        model.zero_grad()
+        if step < 2:
+            fw.step()
+    with pytest.raises(FWLoRAError, match=r"Fisher score of .*layer\.0\.attention\.self\.query became non-finite at step 2"):
+        fw.step()
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"lambda_fw": -1e-4}, "lambda_fw"), ({"lambda_fw": float("nan")}, "lambda_fw"),
+    ({"warmup_steps": 0}, "warmup_steps"), ({"warmup_steps": 2.5}, "warmup_steps"),
+    ({"beta": 1.0}, "beta"), ({"beta": 0.0}, "beta"), ({"estimator": "fast"}, "estimator"),
+    ({"sketch_size": 0}, "sketch_size"), ({"measure_every": 0}, "measure_every"),
+    ({"warmup_steps": 3, "measure_every": 4}, "measure_every"), ({"normalization": "l2"}, "normalization"),
+])
+def test_bad_config_values(kwargs, pattern):
+    with pytest.raises(FWLoRAError, match=pattern):
+        FWLoRAConfig(**kwargs)
+
+
+def test_state_of_another_model_is_refused(tmp_path):
+    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2))
+    fw.save(tmp_path)
+    other = FisherWeightedLoRA(lora(tiny_bert(), targets=["query"]), FWLoRAConfig(warmup_steps=2))
+    with pytest.raises(FWLoRAError, match="other adapted layers"):
+        other.load(tmp_path)
