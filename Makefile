@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fwlora-installed
+# GLUE: the shared local copy when it is there, else $FWLORA_DATA_DIR, else the hub (online only)
+DATA_DIR ?= $(if $(wildcard ../shared/glue/cola/train.tsv),../shared/glue,$(FWLORA_DATA_DIR))
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 .PHONY: install quick test bench-cpu overhead clean
 
@@ -17,16 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 quick: $(STAMP)  ## the README's main command: LoRA vs AdaLoRA vs FW-LoRA on real GLUE, offline, minutes
-	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset quick --output-dir runs/quick
+	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset quick --output-dir runs/quick $(DATA_FLAG)
 
 test: $(STAMP)   ## the test suite (CI runs exactly this)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench-cpu: $(STAMP)  ## the committed headline results (hours on 2 CPU cores; resumable)
-	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset cpu --output-dir runs/cpu
+	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset cpu --output-dir runs/cpu $(DATA_FLAG)
 
 overhead: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py $(DATA_FLAG)
 
 clean:
 	rm -rf $(VENV) runs

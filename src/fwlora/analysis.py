@@ -107,3 +107,46 @@ def log_norm_shift(norms_a: Sequence[float], norms_b: Sequence[float]) -> dict[s
             "std_log_ratio": float(ratio.std()) if ratio.size else float("nan"),
             "geometric_mean_ratio": float(np.exp(ratio.mean())) if ratio.size else float("nan"),
             "spearman": float(rho), "n": int(ok.sum())}
+
+
+# ---- helpers for the report (pure; added for fwlora.report) ----------------------------------------
+
+# The six matrix types in the order a reader expects them (attention, then feed-forward), short labels.
+KIND_ORDER = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense")
+KIND_LABELS = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+               "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}
+
+
+def importance_shrink_correlation(importance: Sequence[float], norms_base: Sequence[float],
+                                  norms_weighted: Sequence[float]) -> dict[str, float]:
+    """Spearman correlation between I_m and ||dW_m|| (weighted run) / ||dW_m|| (base run), matched by
+    position: positive when the penalty shrinks the low-importance matrices more than the important
+    ones (the reallocation FW-LoRA claims), near 0 when it shrinks them all alike."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    i = np.asarray([np.nan if v is None else v for v in importance], dtype=float)
+    a = np.asarray([np.nan if v is None else v for v in norms_base], dtype=float)
+    b = np.asarray([np.nan if v is None else v for v in norms_weighted], dtype=float)
+    ok = np.isfinite(i) & np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+    rho = float("nan")
+    if ok.sum() > 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant input gives NaN, which is the honest answer
+            rho = float(spearmanr(i[ok], b[ok] / a[ok]).statistic)
+    return {"spearman": rho, "n": int(ok.sum())}
+
+
+def layer_kind_grid(values: dict[tuple[int | None, str], float]) -> tuple[list[int | None], list[str], np.ndarray]:
+    """{(layer, kind): value} -> (layers, kinds, array[layer, kind]) with NaN where a matrix is absent;
+    kinds in KIND_ORDER first, others after, so that heatmaps of different runs line up."""
+    layers = sorted({k[0] for k in values}, key=lambda v: (v is None, v if v is not None else 0))
+    kinds = [k for k in KIND_ORDER if any(key[1] == k for key in values)]
+    kinds += sorted({key[1] for key in values} - set(kinds))
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), v in values.items():
+        if v is not None:
+            grid[layers.index(layer), kinds.index(kind)] = v
+    return layers, kinds, grid

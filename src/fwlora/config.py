@@ -182,9 +182,17 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise UserError(f"{source}: {name} must be an integer, got {value!r}")
         return value
     if kind.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {name} must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range
+            raise UserError(f"{source}: {name} is too large a number") from None
     if not isinstance(value, str):
         raise UserError(f"{source}: {name} must be a string, got {value!r}")
     return value
@@ -201,7 +209,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path}: cannot read it ({e})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except (ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: JSONDecodeError, or an int over 4300 digits
         raise UserError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from None
     if data is None:
         data = {}

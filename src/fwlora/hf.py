@@ -38,11 +38,23 @@ class FWLoRACallback(TrainerCallback):
             self.fw.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
+def _per_sequence_loss(model: Any) -> bool:
+    inner = model
+    while hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
 class FWLoRATrainer(Trainer):
     """transformers.Trainer training a PEFT LoRA model with FW-LoRA."""
 
     def __init__(self, *args: Any, fw_config: FWLoRAConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if _per_sequence_loss(self.model):
+            # transformers#47688: sequence-classification heads accept **kwargs but ignore num_items_in_batch,
+            # so the Trainer would skip dividing their mean loss by the accumulation steps (an inflated
+            # gradient with accumulation). Their loss is a per-batch mean: let the Trainer divide it.
+            self.model_accepts_loss_kwargs = False
         self.fw = FisherWeightedLoRA(self.model, fw_config or FWLoRAConfig())
         self.add_callback(FWLoRACallback(self.fw, self))
 

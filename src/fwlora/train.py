@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import platform
 import random
 import shutil
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -274,7 +275,11 @@ class Trainer:
         from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
         self.s, self.cfg, self.run_dir = s, s.cfg, run_dir
+        # Under torchrun / accelerate launch without a GPU, Accelerate only sets up gloo data parallelism
+        # when told the run is on the CPU.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(
+            cpu=multi_cpu,
             gradient_accumulation_steps=self.cfg.grad_accum,
             mixed_precision=self.cfg.mixed_precision,
             dataloader_config=DataLoaderConfiguration(split_batches=True),  # batch_size is the global batch
@@ -285,8 +290,12 @@ class Trainer:
                             f"{self.cfg.grad_accum * world}")
         collator = DataCollatorWithPadding(s.tokenizer)
         self.sampler = EpochSampler(len(s.train_data), self.cfg.seed)
+        # Its own generator: iter(DataLoader) draws a seed from `generator`, by default the global torch RNG,
+        # which would shift the dropout stream of a run resumed mid-epoch (one extra draw) away from the
+        # uninterrupted run's. The sampler does not use it; this keeps the global RNG for dropout alone.
         train_loader = torch.utils.data.DataLoader(s.train_data, batch_size=self.cfg.batch_size // self.cfg.grad_accum,
-                                                   sampler=self.sampler, collate_fn=collator)
+                                                   sampler=self.sampler, collate_fn=collator,
+                                                   generator=torch.Generator().manual_seed(self.cfg.seed))
         eval_loader = torch.utils.data.DataLoader(s.eval_data, batch_size=self.cfg.eval_batch_size, collate_fn=collator)
         params = [p for p in s.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -368,7 +377,7 @@ class Trainer:
 
     # -- the loop --
 
-    def fit(self, stop: _StopSignals) -> None:
+    def fit(self, stop: _StopSignals, on_epoch_end: Callable[[dict], None] | None = None) -> None:
         from tqdm.auto import tqdm
 
         cfg, s = self.cfg, self.s
@@ -376,7 +385,11 @@ class Trainer:
                    desc=f"{cfg.task} {cfg.method} r{s.budget.rank} seed {cfg.seed}", unit="step", leave=False)
         self.model.train()
         while self.epoch < cfg.epochs:
+            # Accelerate's loader sets its sampler's epoch to its own count of iterations on every
+            # iter(): set that count too, or a resumed run (a fresh loader, count 0) replays epoch 0's order.
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(self.epoch)
             loader = self.train_loader
             if self.batches_done_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.batches_done_in_epoch)
@@ -429,6 +442,8 @@ class Trainer:
             self.penalty_sum.zero_()
             self.loss_count = 0
             self.save_checkpoint()
+            if on_epoch_end is not None:
+                on_epoch_end(self.history[-1])  # may raise (a sweep's pruner): the checkpoint is saved
         bar.close()
 
     def _running_losses(self) -> dict[str, float]:
@@ -606,8 +621,11 @@ def summarise(t: Trainer, env: dict, load_seconds: float) -> dict[str, Any]:
 # ---- entry point -----------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          on_epoch_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run one configuration into cfg.output_dir and return its result (also written to result.json).
+
+    on_epoch_end(entry) is called after each epoch's evaluation with that epoch's metrics.
 
     Raises UserError for bad input, TrainingInterrupted after a signal (checkpoint saved), and
     NonFiniteError when training diverges (result.json records the failure; the checkpoint is kept).
@@ -629,7 +647,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                  f"{s.budget.backbone_params:,}", f"{s.budget.head_params:,}", s.total_steps)
     try:
         with _StopSignals() as stop:
-            t.fit(stop)
+            t.fit(stop, on_epoch_end)
     except TrainingInterrupted:
         if t.is_main:
             write_json(run_dir / RESULT_FILE, {"status": "interrupted", "step": t.global_step, "config": cfg.to_dict()})

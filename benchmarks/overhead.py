@@ -1,0 +1,219 @@
+"""FW-LoRA's cost against plain LoRA, measured side by side in one process on the same batches.
+
+    python benchmarks/overhead.py                     # offline backbone, CoLA batches, CPU or GPU
+    python benchmarks/overhead.py --steps 60 --json results/overhead/cpu.json
+
+Every iteration trains each variant one optimizer step on the same batch, in a shuffled order, so slow
+drift of the machine hits all variants alike; the table gives the median over iterations of each
+variant's step time divided by LoRA's on that iteration. Variants (identical weights at the start):
+  lora            plain LoRA
+  fw-warmup-exact FW-LoRA during warm-up, exact ||G||^2 every step (the default)
+  fw-warmup-sketch FW-LoRA during warm-up, Gaussian sketch with p columns
+  fw-warmup-every FW-LoRA during warm-up, exact but one step in k
+  fw-penalty      FW-LoRA after warm-up (Gram-form penalty, no measuring)
+The whole-run ratio at the protocol's settings is (K r_warmup + (T - K) r_penalty) / T.
+
+--agreement trains LoRA for K steps with every estimator attached to the same model and reports the
+Spearman rank correlation of each estimator's scores with the exact ones (does the cheap one rank the
+matrices the same way?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from fwlora import FisherWeightedLoRA, FWLoRAConfig  # noqa: E402
+from fwlora import models  # noqa: E402
+from fwlora.data import encode, load_task, subset  # noqa: E402
+
+PROTOCOL_RUNS = {"CoLA, 3 epochs (804 steps)": 804, "SST-2, 3 epochs (6,315 steps)": 6315}
+
+
+def batches(task: str, data_dir: str | None, n: int, batch_size: int, tokenizer, seed: int = 0):
+    from transformers import DataCollatorWithPadding
+
+    train, _, _ = load_task(task, data_dir)
+    rows = encode(subset(train, n * batch_size, seed=seed), tokenizer, 128)
+    random.Random(seed).shuffle(rows)
+    collate = DataCollatorWithPadding(tokenizer)
+    return [collate(rows[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+
+
+def build(rank: int, head: str, device: torch.device):
+    torch.manual_seed(0)
+    model, tokenizer = models.load_backbone("minilm", 2, head)
+    targets = models.resolve_targets(model)
+    peft_model = models.build_peft_model(model, "lora", rank, targets, lora_alpha=2.0 * rank, lora_dropout=0.0)
+    return peft_model.to(device), tokenizer
+
+
+class Variant:
+    def __init__(self, name: str, model, fw: FisherWeightedLoRA | None, lr: float):
+        self.name, self.model, self.fw = name, model, fw
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.times: list[float] = []
+
+    def step(self, batch, device) -> float:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = self.model(**batch).loss
+        if self.fw is not None:
+            loss = loss + self.fw.penalty()
+        loss.backward()
+        if self.fw is not None:
+            self.fw.step()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def measure(args, device) -> dict:
+    configs = {
+        "lora": None,
+        "fw-warmup-exact": FWLoRAConfig(warmup_steps=10**9),
+        "fw-warmup-sketch": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size),
+        "fw-warmup-every": FWLoRAConfig(warmup_steps=10**9, measure_every=args.every),
+        "fw-penalty": FWLoRAConfig(warmup_steps=1),
+    }
+    variants = []
+    tokenizer = None
+    for name, config in configs.items():
+        model, tokenizer = build(args.rank, args.head, device)
+        model.train()
+        fw = FisherWeightedLoRA(model, config) if config is not None else None
+        variants.append(Variant(name, model, fw, args.lr))
+    data = batches(args.task, args.data_dir, args.steps + args.skip, args.batch_size, tokenizer)
+    rng = random.Random(1)
+    ratios: dict[str, list[float]] = {v.name: [] for v in variants[1:]}
+    for i, batch in enumerate(data):
+        order = variants[:]
+        rng.shuffle(order)
+        times = {v.name: v.step(batch, device) for v in order}
+        if i < args.skip:  # the first steps pay for allocations and, for fw-penalty, the warm-up step
+            continue
+        for v in variants:
+            v.times.append(times[v.name])
+        for name in ratios:
+            ratios[name].append(times[name] / times["lora"])
+    return {
+        "median_step_seconds": {v.name: statistics.median(v.times) for v in variants},
+        "median_ratio": {k: statistics.median(r) for k, r in ratios.items()},
+        "ratio_quartiles": {k: statistics.quantiles(r, n=4) for k, r in ratios.items()},
+        "iterations": args.steps,
+    }
+
+
+def agreement(args, device) -> dict:
+    """Spearman of each cheap estimator's scores with the exact ones, all measured on one LoRA run."""
+    from scipy.stats import spearmanr
+
+    model, tokenizer = build(args.rank, args.head, device)
+    model.train()
+    k = args.agreement_steps
+    estimators = {"exact": FWLoRAConfig(warmup_steps=k)}
+    for p in (2, args.sketch_size, 32):
+        estimators[f"sketch p={p}"] = FWLoRAConfig(warmup_steps=k, estimator="sketch", sketch_size=p, seed=p)
+    for every in [e for e in (args.every, 4 * args.every) if e <= k]:
+        estimators[f"exact, every {every}"] = FWLoRAConfig(warmup_steps=k, measure_every=every)
+    fws = {name: FisherWeightedLoRA(model, cfg) for name, cfg in estimators.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    for batch in batches(args.task, args.data_dir, k, args.batch_size, tokenizer, seed=1):
+        batch = {key: v.to(device) for key, v in batch.items()}
+        model(**batch).loss.backward()
+        for fw in fws.values():
+            fw.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    exact = fws["exact"].importance
+    names = list(exact)
+    out = {}
+    for name, fw in fws.items():
+        if name == "exact":
+            continue
+        rho = spearmanr([exact[n] for n in names], [fw.importance[n] for n in names]).statistic
+        rel = statistics.median(abs(fw.importance[n] / exact[n] - 1) for n in names if exact[n] > 0)
+        out[name] = {"spearman": float(rho), "median_relative_error": float(rel)}
+    return {"steps": k, "matrices": len(names), "estimators": out}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="cola")
+    parser.add_argument("--data-dir", default=os.environ.get("FWLORA_DATA_DIR", str(REPO.parent / "shared" / "glue")))
+    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--head", default="mean")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=60, help="measured iterations (each trains every variant once)")
+    parser.add_argument("--skip", type=int, default=5, help="iterations discarded at the start")
+    parser.add_argument("--sketch-size", type=int, default=8)
+    parser.add_argument("--every", type=int, default=8)
+    parser.add_argument("--warmup-steps", type=int, default=500, help="K of the protocol, for the whole-run ratio")
+    parser.add_argument("--agreement-steps", type=int, default=200, help="0 skips the estimator agreement check")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device_name}; MiniLM-L6, LoRA rank {args.rank}, batch {args.batch_size} of {args.task}, "
+          f"{args.steps} interleaved iterations")
+    m = measure(args, device)
+    lines = ["| variant | median step (s) | ratio to LoRA (median) | ratio IQR |", "|---|---|---|---|"]
+    for name, seconds in m["median_step_seconds"].items():
+        if name == "lora":
+            lines.append(f"| lora | {seconds:.4f} | 1 | |")
+            continue
+        q = m["ratio_quartiles"][name]
+        lines.append(f"| {name} | {seconds:.4f} | {m['median_ratio'][name]:.3f} | {q[0]:.3f} - {q[2]:.3f} |")
+    whole = {}
+    post = m["median_ratio"]["fw-penalty"]
+    lines += ["", f"whole run with K = {args.warmup_steps} warm-up steps (K r_warmup + (T - K) r_penalty) / T:",
+              "| run | exact | sketch | every k |", "|---|---|---|---|"]
+    for label, total in PROTOCOL_RUNS.items():
+        k = min(args.warmup_steps, total)
+        row = {v: (k * m["median_ratio"][f"fw-warmup-{v}"] + (total - k) * post) / total for v in ("exact", "sketch", "every")}
+        whole[label] = row
+        lines.append(f"| {label} | {row['exact']:.3f} | {row['sketch']:.3f} | {row['every']:.3f} |")
+    result = {"device": device_name, "settings": vars(args), "steps": m, "whole_run": whole,
+              "targets": {"after_warmup": 1.005, "whole_run": 1.01}}
+    if args.agreement_steps:
+        a = agreement(args, device)
+        result["agreement"] = a
+        lines += ["", f"estimator agreement with the exact scores after {a['steps']} warm-up steps "
+                      f"({a['matrices']} matrices, one LoRA run):",
+                  "| estimator | Spearman rho | median relative error of I_m |", "|---|---|---|"]
+        lines += [f"| {n} | {v['spearman']:.4f} | {v['median_relative_error']:.3f} |" for n, v in a["estimators"].items()]
+    print("\n".join(lines))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "table": "\n".join(lines), "command": " ".join(sys.argv)}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
