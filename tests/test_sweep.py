@@ -1,0 +1,408 @@
+"""`fwlora sweep`: the search space, the trial bookkeeping (totals, resumption, interruption, workers),
+and the outputs, on a small slice of the shared GLUE copy with the offline backbone.
+
+The bookkeeping tests use a stand-in for `train` (instant, deterministic); the ones marked "real" train
+the offline MiniLM on 32 CoLA examples for 2 epochs per trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from fwlora import bench, sweep
+from fwlora.cli import build_parser, collect_train_settings, main
+from fwlora.config import TrainConfig, load_config_file
+from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
+from fwlora.files import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a tiny space: fast runs (rank 1 or 2), a warm-up that fits in the 4 optimizer steps or not at all
+TINY_SPACE = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+    "rank": {"type": "categorical", "choices": [1, 2]},
+    "lambda_fw": None,
+    "batch_size": None,
+    "fw_warmup_steps": {"type": "categorical", "choices": [1, 2], "methods": ["fwlora"]},
+}
+# 32 examples, batch 16, 2 epochs: 4 optimizer steps per run
+SLICE = {"task": "cola", "train_limit": 32, "eval_limit": 32, "epochs": 2, "max_length": 16, "batch_size": 16,
+         "threads": 1}
+
+
+def slice_flags(glue_dir: Path) -> list[str]:
+    flags = ["--data-dir", str(glue_dir)]
+    for key, value in SLICE.items():
+        flags += ["--" + key.replace("_", "-"), str(value)]
+    return flags
+
+
+def write_space(tmp_path: Path, space: dict = TINY_SPACE) -> Path:
+    path = tmp_path / "space.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def make_config(tmp_path: Path, glue_dir: Path, methods=("lora",), trials: int = 3, space: dict = TINY_SPACE,
+                **kw) -> sweep.SweepConfig:
+    return sweep.SweepConfig(methods=list(methods), settings={**SLICE, "data_dir": str(glue_dir)},
+                             space=sweep.load_space(write_space(tmp_path, space)), trials=trials,
+                             output_dir=str(tmp_path / "out"), **kw)
+
+
+def fake_train(cfg: TrainConfig, overwrite: bool = False, on_epoch_end=None) -> dict:
+    """Instant and deterministic: the metric peaks at lr = 3e-4 and grows with rank and epoch."""
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        value = 0.5 - abs(math.log(cfg.lr / 3e-4)) / 10 + 0.01 * (cfg.rank or 0) + 0.02 * epoch + 0.001 * cfg.seed
+        entry = {"epoch": epoch, "mcc": value, "accuracy": value}
+        history.append(entry)
+        if on_epoch_end:
+            on_epoch_end(entry)
+    return {"metric": "mcc", "final": history[-1], "best": max(history, key=lambda h: h["mcc"]),
+            "timing": {"train_seconds": 0.0}}
+
+
+def load(cfg: sweep.SweepConfig, method: str = "lora") -> optuna.Study:
+    storage = sweep.open_storage(cfg.storage, Path(cfg.output_dir)).storage
+    return optuna.load_study(study_name=cfg.study_name(method), storage=storage)
+
+
+def snapshot(study: optuna.Study) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.value) for t in study.trials]
+
+
+# ---- the search space ------------------------------------------------------------------------------
+
+
+def test_default_space_is_method_md_ranges():
+    space = sweep.load_space(None)
+    assert space["lr"] == sweep.Param("lr", "float", low=1e-4, high=3e-4, log=True)
+    assert space["lambda_fw"] == sweep.Param("lambda_fw", "float", low=5e-5, high=5e-4, log=True, methods=("fwlora",))
+    assert space["rank"].choices == (4, 8, 16)
+    assert space["fw_warmup_steps"].choices == (300, 500, 800) and space["fw_warmup_steps"].methods == ("fwlora",)
+    assert space["batch_size"].choices == (16, 32, 64)
+    cfg = sweep.SweepConfig(methods=["lora", "fwlora"], settings={})
+    assert set(cfg.space_for("lora")) == {"lr", "rank", "batch_size"}
+    assert set(cfg.space_for("fwlora")) == set(space)
+    # the example file is the default, spelled out
+    assert sweep.load_space(REPO / "examples" / "sweep_space.yaml") == space
+
+
+def test_space_file_replaces_entries_and_drops_nulls(tmp_path):
+    path = write_space(tmp_path, {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                                  "batch-size": None, "lora_dropout": {"type": "categorical", "choices": [0.0, 0.1]},
+                                  "fw_warmup_steps": {"type": "int", "low": 10, "high": 50, "step": 10,
+                                                      "methods": ["fwlora"]}})
+    space = sweep.load_space(path)
+    assert space["lr"].low == 1e-5 and "batch_size" not in space and space["lora_dropout"].choices == (0.0, 0.1)
+    assert space["fw_warmup_steps"] == sweep.Param("fw_warmup_steps", "int", low=10, high=50, step=10,
+                                                   methods=("fwlora",))
+    assert "rank" in space and "lambda_fw" in space
+    # YAML 1.1 reads 1e-4 (no dot) as a string; the space takes it as the number meant
+    (tmp_path / "plain.yaml").write_text("lr: {type: float, low: 1e-4, high: 3e-4, log: true}\n"
+                                         "lambda_fw: {type: categorical, choices: [1e-4, 2e-4], methods: [fwlora]}\n")
+    space = sweep.load_space(tmp_path / "plain.yaml")
+    assert space["lr"].low == 1e-4 and space["lambda_fw"].choices == (1e-4, 2e-4)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}}, "not a training setting"),
+    ({"seed": {"type": "categorical", "choices": [0, 1]}}, "cannot be searched"),
+    ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}, "type must be one of"),
+    ({"lr": {"type": "float", "low": 1e-3, "high": 1e-4}}, "must be below high"),
+    ({"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, "log scale needs low > 0"),
+    ({"lr": {"type": "float", "low": 1e-4, "hi": 1e-3}}, "unknown key(s) hi"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True, "step": 1e-4}}, "not both"),
+    ({"lr": [1e-4, 1e-3]}, "expected a mapping"),
+    ({"rank": {"type": "float", "low": 1, "high": 8}}, "integer setting"),
+    ({"rank": {"type": "int", "low": 1.5, "high": 8}}, "integer low and high"),
+    ({"rank": {"type": "categorical", "choices": []}}, "non-empty list"),
+    ({"rank": {"type": "categorical", "choices": [4, 4]}}, "repeat"),
+    ({"rank": {"type": "categorical", "choices": [4, 8], "low": 1}}, "takes choices"),
+    ({"fw_estimator": {"type": "float", "low": 0.1, "high": 1.0}}, "only be searched as type categorical"),
+    ({"lambda_fw": {"type": "float", "low": 1e-5, "high": 1e-4, "methods": ["dora"]}}, "methods must be"),
+    ({"budget": {"type": "categorical", "choices": [0.1, 0.2]}}, "rank or budget, not both"),
+])
+def test_bad_space_entries_are_user_errors(tmp_path, entry, message):
+    with pytest.raises(UserError) as info:
+        sweep.load_space(write_space(tmp_path, entry))
+    assert message in str(info.value) and "space file" in str(info.value)
+
+
+def test_space_values_are_checked_against_train_config_before_any_trial(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, space={"lora_dropout": {"type": "categorical", "choices": [0.0, 1.5]}})
+    with pytest.raises(UserError, match="lora_dropout = 1.5 is not a valid setting"):
+        sweep.Sweep(cfg, train_fn=fake_train).preflight()
+
+
+def test_command_line_flags_fix_their_settings(tmp_path):
+    def parse(*argv):
+        return sweep.config_from_args(build_parser().parse_args(["sweep", *argv]))
+
+    cfg = parse("--rank", "2", "--lr", "1e-4", "--methods", "lora,fwlora", "--output-dir", str(tmp_path))
+    assert cfg.methods == ["lora", "fwlora"] and set(cfg.space) == {"lambda_fw", "fw_warmup_steps", "batch_size"}
+    assert cfg.settings["rank"] == 2 and cfg.study_name("fwlora") == "cola-fwlora"
+    assert "rank" not in parse("--budget", "0.2").space
+    config = tmp_path / "base.yaml"
+    config.write_text("lr: 5.0e-4\nmethod: fwlora\noutput_dir: elsewhere\n")
+    cfg = parse("--config", str(config), "--study-name", "exp1", "--task", "sst2")
+    assert cfg.methods == ["fwlora"] and "lr" in cfg.space  # a config file's values do not fix the space
+    assert cfg.study_name("fwlora") == "exp1-sst2-fwlora" and "output_dir" not in cfg.settings
+    with pytest.raises(UserError, match="--method or --methods"):
+        parse("--method", "lora", "--methods", "lora,fwlora")
+    with pytest.raises(UserError, match="unknown method"):
+        parse("--methods", "lora,dora")
+    help_text = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "postgresql://" in help_text and "--seeds-per-trial" in help_text and "--lambda-fw" in help_text
+
+
+# ---- bookkeeping, with a stand-in for train ---------------------------------------------------------
+
+
+def test_resumed_study_continues_to_the_total_and_samples_as_an_unbroken_one(tmp_path, glue_dir):
+    cfg = make_config(tmp_path / "a", glue_dir, trials=2)
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    first = snapshot(load(cfg))
+    assert [t[1] for t in first] == [TrialState.COMPLETE] * 2
+    cfg.trials = 3
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    again = snapshot(load(cfg))
+    assert len(again) == 3 and again[:2] == first
+    sweep.run_sweep(cfg, train_fn=fake_train)  # the total is reached: nothing more runs
+    assert len(load(cfg).trials) == 3
+    straight = make_config(tmp_path / "b", glue_dir, trials=3)
+    sweep.run_sweep(straight, train_fn=fake_train)
+    assert snapshot(load(straight)) == again
+
+
+def test_method_studies_draw_the_same_shared_values_during_the_random_start_up(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, methods=["lora", "fwlora"], trials=3, space={})  # the default space
+    sweep.run_sweep(cfg, train_fn=fake_train)  # fwlora's K >= 4 steps: pruned untrained, but drawn all the same
+    lora, fwlora = load(cfg, "lora").trials, load(cfg, "fwlora").trials
+    shared = ("lr", "rank", "batch_size")
+    assert [{k: t.params[k] for k in shared} for t in lora] == [{k: t.params[k] for k in shared} for t in fwlora]
+    assert len({t.params["lr"] for t in lora}) == 3
+
+
+def test_interrupted_trial_is_failed_and_replaced(tmp_path, glue_dir):
+    calls = []
+
+    def interrupted_second(cfg, overwrite=False, on_epoch_end=None):
+        calls.append(cfg.output_dir)
+        if len(calls) == 2:
+            raise TrainingInterrupted("stopped by SIGINT", 2)
+        return fake_train(cfg, overwrite, on_epoch_end)
+
+    cfg = make_config(tmp_path, glue_dir, trials=3)
+    with pytest.raises(TrainingInterrupted):
+        sweep.run_sweep(cfg, train_fn=interrupted_second)
+    trials = load(cfg).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted"
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    study = load(cfg)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    counts = sweep.study_counts(study)
+    assert counts["counted"] == counts["complete"] == 3 and counts["failed"] == 1
+
+
+def test_infeasible_warmup_is_pruned_untrained_and_divergence_counts(tmp_path, glue_dir):
+    trained = []
+
+    def diverge_at_rank_2(cfg, overwrite=False, on_epoch_end=None):
+        trained.append(cfg.fw_warmup_steps)
+        if cfg.rank == 2:
+            raise NonFiniteError("the loss became NaN at step 3")
+        return fake_train(cfg, overwrite, on_epoch_end)
+
+    space = {**TINY_SPACE, "fw_warmup_steps": {"type": "categorical", "choices": [2, 4], "methods": ["fwlora"]}}
+    cfg = make_config(tmp_path, glue_dir, methods=["fwlora"], trials=6, space=space)
+    sweep.run_sweep(cfg, train_fn=diverge_at_rank_2)
+    trials = load(cfg, "fwlora").trials
+    assert len(trials) == 6 and 4 not in trained  # K = 4 = the run's 4 steps: never trained
+    for t in trials:
+        if t.params["fw_warmup_steps"] == 4:
+            assert t.state == TrialState.PRUNED and "never start" in t.user_attrs["infeasible"]
+        elif t.params["rank"] == 2:
+            assert t.state == TrialState.FAIL and t.user_attrs["counts"] and "diverged" in t.user_attrs["fail_reason"]
+        else:
+            assert t.state == TrialState.COMPLETE
+    assert {t.state for t in trials} == {TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE}
+    # the sweep's count of optimizer steps agrees with train.setup's refusal
+    n_train = sweep._train_size("cola", str(glue_dir), 32)
+    late = TrainConfig.from_dict({**SLICE, "data_dir": str(glue_dir), "method": "fwlora", "rank": 1,
+                                  "fw_warmup_steps": 4})
+    assert sweep.late_penalty_reason(late, n_train) and not sweep.late_penalty_reason(late.replace(fw_warmup_steps=3), n_train)
+    from fwlora.train import setup
+    with pytest.raises(UserError, match="fw-warmup-steps = 4 >= the run's 4 optimizer steps"):
+        setup(late)
+
+
+def test_surplus_and_dead_worker_trials_do_not_count(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, trials=2)
+    runner = sweep.Sweep(cfg, train_fn=fake_train)
+    study = runner.open_study("lora")
+    # a trial left running by a process of this host that has exited
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = study.ask()
+    dead.set_user_attr("worker", {"host": runner.worker["host"], "pid": gone.pid})
+    # a worker elsewhere is running trial 1; trial 2 arrives when the total (2) is already taken
+    alive = study.ask()
+    alive.set_user_attr("worker", {"host": "another-machine", "pid": 1})
+    late = study.ask()
+    assert not runner._surplus(study, alive) and runner._surplus(study, late)
+    assert late.number == 2 and study.trials[2].state == TrialState.FAIL and study.trials[2].user_attrs["surplus"]
+    runner._run_study(study, "lora", sweep._train_size("cola", str(glue_dir), 32))
+    states = [t.state for t in load(cfg).trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.COMPLETE]
+    counts = sweep.study_counts(load(cfg))
+    assert counts["counted"] == 2 and counts["failed"] == 1 and counts["running"] == 1  # surplus not shown as failed
+
+
+def test_other_storages_sqlite_and_a_journal_path(tmp_path, glue_dir):
+    for storage in (f"sqlite:///{tmp_path / 'sweep.db'}", str(tmp_path / "shared" / "sweep.journal")):
+        cfg = make_config(tmp_path, glue_dir, trials=2, storage=storage)
+        sweep.run_sweep(cfg, train_fn=fake_train)
+        assert [t.state for t in load(cfg).trials] == [TrialState.COMPLETE] * 2
+    assert sweep.open_storage(f"sqlite:///{tmp_path / 'sweep.db'}", tmp_path).storage.get_heartbeat_interval() == 60
+    assert (tmp_path / "shared" / "sweep.journal").is_file() and not (tmp_path / "out" / sweep.JOURNAL_FILE).exists()
+    with pytest.raises(UserError, match="--storage"):
+        sweep.open_storage("postgresql://user:secret@localhost:1/db", tmp_path)
+
+
+def test_a_study_refuses_other_settings(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, trials=1)
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    cfg.settings["epochs"] = 3
+    with pytest.raises(UserError, match="epochs: 2 -> 3"):
+        sweep.run_sweep(cfg, train_fn=fake_train)
+    cfg.settings["epochs"] = 2
+    cfg.seeds_per_trial = 2
+    with pytest.raises(UserError, match="seeds"):
+        sweep.run_sweep(cfg, train_fn=fake_train)
+
+
+def test_seeds_per_trial_average_and_step_numbering(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, trials=1, seeds_per_trial=2, objective="best")
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    trial = load(cfg).trials[0]
+    runs = trial.user_attrs["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert [Path(r["run_dir"]).name for r in runs] == ["trial0-seed0", "trial0-seed1"]
+    assert trial.value == pytest.approx((runs[0]["best"] + runs[1]["best"]) / 2)
+    assert sorted(trial.intermediate_values) == [1, 2, 3, 4]  # seed i, epoch e -> step i * epochs + e
+
+
+# ---- real training on a slice of CoLA ---------------------------------------------------------------
+
+
+class PruneOddTrials(optuna.pruners.BasePruner):
+    """Prunes every odd-numbered trial at its first report: deterministic, to see the wiring."""
+
+    def prune(self, study, trial) -> bool:
+        return trial.number % 2 == 1
+
+
+def test_real_sweep_prunes_and_exports_configs_train_and_bench_accept(tmp_path, glue_dir):
+    cfg = make_config(tmp_path, glue_dir, methods=["fwlora"], trials=3)
+    outcome = sweep.run_sweep(cfg, pruner=PruneOddTrials())
+    study = outcome["studies"]["fwlora"]
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert list(trials[1].intermediate_values) == [1] and "after epoch 1" in trials[1].user_attrs["pruned_reason"]
+    assert list(trials[0].intermediate_values) == [1, 2]
+    out = Path(cfg.output_dir)
+    pruned = out / "cola-fwlora" / "trial1"
+    assert read_json(pruned / "result.json")["status"] == "pruned" and not (pruned / "checkpoint").exists()
+    result = read_json(out / "cola-fwlora" / "trial0" / "result.json")
+    assert result["status"] == "complete" and trials[0].value == result["final"]["mcc"]
+
+    best = read_json(out / "best_params.json")["fwlora"]
+    assert best["value"] == study.best_value and best["params"] == study.best_params
+    assert best["trials"]["complete"] == 2 and best["trials"]["pruned"] == 1
+    # the exported configuration: every TrainConfig key, accepted by TrainConfig and by `fwlora train --config`
+    exported = load_config_file(out / "best_fwlora.yaml")
+    assert set(exported) == set(TrainConfig().to_dict())
+    restored = TrainConfig.from_dict(exported)
+    assert restored.lr == study.best_params["lr"] and restored.rank == study.best_params["rank"]
+    assert restored.fw_warmup_steps == study.best_params["fw_warmup_steps"] and restored.method == "fwlora"
+    args = build_parser().parse_args(["train", "--config", str(out / "best_fwlora.yaml"), "--seed", "1"])
+    assert TrainConfig.from_dict(collect_train_settings(args)) == restored.replace(seed=1)
+    # the bench preset: tuned settings per method, the sweep's slice shared
+    preset = bench.load_preset(str(out / "tuned_preset.yaml"))
+    cells = bench.plan(preset, tmp_path / "bench", {}, {})
+    assert {c.method for c in cells} == {"fwlora"} and {c.seed for c in cells} == {0, 1, 2}
+    assert all(c.config.lr == restored.lr and c.config.train_limit == 32 and c.config.rank == restored.rank
+               for c in cells)
+    importance = read_json(out / "importance.json")["fwlora"]
+    assert "importances" in importance or "note" in importance
+    assert (out / "plots" / "cola-fwlora-history.png").stat().st_size > 0
+    assert (out / "plots" / "cola-fwlora-parallel.png").stat().st_size > 0
+    summary = (out / "sweep_summary.md").read_text()
+    assert "| fwlora |" in summary and f"{study.best_value:.4f}" in summary
+
+
+def test_real_cli_resume_continues_to_the_new_total(tmp_path, glue_dir, capsys):
+    argv = ["sweep", "--method", "lora", "--space", str(write_space(tmp_path)), "--output-dir", str(tmp_path / "out"),
+            *slice_flags(glue_dir)]
+    assert main([*argv, "--trials", "2"]) == 0
+    cfg = make_config(tmp_path, glue_dir, trials=3)
+    first = snapshot(load(cfg))
+    assert len(first) == 2 and all(t[1] == TrialState.COMPLETE for t in first)
+    assert main([*argv, "--trials", "3"]) == 0
+    again = snapshot(load(cfg))
+    assert len(again) == 3 and again[:2] == first
+    assert "| lora |" in capsys.readouterr().out
+    assert read_json(tmp_path / "out" / "best_params.json")["lora"]["trials"]["complete"] == 3
+    assert main([*argv, "--trials", "3", "--epochs", "1"]) == 2  # other settings: refused, nothing mixed in
+    assert len(load(cfg).trials) == 3
+
+
+def test_real_two_workers_share_one_total(tmp_path, glue_dir):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fwlora", "sweep", "--method", "lora", "--trials", "4",
+               "--space", str(write_space(tmp_path)), "--output-dir", str(out), *slice_flags(glue_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    workers = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = load(make_config(tmp_path, glue_dir)).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # no surplus trial: the file lock serialises taking
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["worker"]["pid"] for t in trials} <= {w.pid for w in workers}
+    dirs = sorted(p.name for p in (out / "cola-lora").iterdir())
+    assert dirs == [f"trial{n}" for n in range(4)]
+    assert all(read_json(out / "cola-lora" / d / "result.json")["status"] == "complete" for d in dirs)
+
+
+def test_real_sigint_fails_the_running_trial_and_exits_130(tmp_path, glue_dir):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fwlora", "sweep", "--method", "lora", "--trials", "2",
+               "--space", str(write_space(tmp_path)), "--output-dir", str(out), *slice_flags(glue_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = out / "cola-lora" / "trial0" / "config.json"
+    deadline = time.monotonic() + 120
+    while not started.is_file() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGINT)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130, output
+    trials = load(make_config(tmp_path, glue_dir)).trials
+    assert [(t.state, t.user_attrs.get("fail_reason")) for t in trials] == [(TrialState.FAIL, "interrupted")]
+    assert "run the same command again" in output
