@@ -119,3 +119,20 @@ def test_bf16_autocast_keeps_fisher_fp32_and_finite(setup_dirs):
     history = json.loads((out / "rank0.json").read_text())["history"]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert history[-1]["penalty"] > 0  # the penalty is computed (in fp32) under autocast
+
+
+def test_torchrun_runs_the_cli(setup_dirs):
+    """`torchrun --nproc_per_node 2 -m fwlora train ...`: one result, written once, by two processes."""
+    model, data, root = setup_dirs
+    out = root / "cli-run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(30500 + os.getpid() % 1000), "-m", "fwlora", "train", "--model", str(model), "--task", "sst2",
+           "--data-dir", str(data), "--method", "fwlora", "--rank", "2", "--epochs", "2", "--batch-size", "16",
+           "--fw-warmup-steps", "4", "--max-length", "16", "--output-dir", str(out)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "complete" and result["processes"] == 2
+    assert result["timing"]["optimizer_steps"] == 8  # 64 examples / global batch 16 x 2 epochs
+    assert sum(r["importance"] for r in result["matrices"]) == pytest.approx(1.0)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from fwlora.config import METHODS, TrainConfig, load_config_file
+from fwlora.data import task_spec
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.files import read_json, write_json
 
@@ -116,6 +117,8 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; use {', '.join(METHODS)}")
+    for t in tasks:
+        task_spec(t)  # an unknown task is refused before any run starts, not recorded as failed runs
     sizes = [("b", b) for b in budgets] or [("r", r) for r in ranks]
     base = {k.replace("-", "_"): v for k, v in (preset.get("train") or {}).items()}
     per_task = preset.get("tasks") or {}

@@ -7,10 +7,11 @@ Local layout (see ../shared/glue/README.md): <data_dir>/<task>/{train,validation
 
 from __future__ import annotations
 
-import csv
+import codecs
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,36 +73,57 @@ class Example:
 
 
 def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
-    """Read one split; every malformed line is a DataError naming the file and line."""
+    """Read one split; every malformed line is a DataError naming the file and line.
+
+    Lines end at LF (a CR before it is dropped, so CRLF files read too); fields are split at every tab,
+    with no quoting (the same as csv with QUOTE_NONE, without its limits: no field-size cap, no error
+    on a lone CR, and no other Unicode line breaks that str.splitlines would cut a sentence at).
+    """
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected <data-dir>/{spec.name}/{path.name})")
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if raw.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the header
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(rows, None)
-    if header is None:
+    if not text:
         raise DataError(f"{path}: the file is empty (expected a header {'<TAB>'.join(spec.header)})")
+    lines = text.split("\n")
+    if lines[-1] == "":  # the file's final line end
+        lines.pop()
+    rows = [line.removesuffix("\r").split("\t") for line in lines]
+    header = rows[0]
     if tuple(header) != spec.header:
-        raise DataError(f"{path}:1: header is {'<TAB>'.join(header)!r}, expected {'<TAB>'.join(spec.header)!r}")
+        raise DataError(f"{path}:1: header is {'<TAB>'.join(header)[:200]!r}, expected {'<TAB>'.join(spec.header)!r}")
     examples = []
-    for lineno, row in enumerate(rows, start=2):
+    for lineno, row in enumerate(rows[1:], start=2):
         if len(row) != len(spec.header):
-            what = "no tab" if len(row) == 1 else f"{len(row)} fields"
+            what = ("empty line" if row == [""] else "no tab") if len(row) == 1 else f"{len(row)} fields"
             raise DataError(f"{path}:{lineno}: {what}, expected {len(spec.header)} tab-separated fields")
         *texts, label = row
+        digits = label.strip()
+        if not _INTEGER.fullmatch(digits):
+            raise DataError(f"{path}:{lineno}: label {label[:40]!r} is not an integer")
         try:
-            value = int(label)
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: label {label!r} is not an integer") from None
+            value = int(digits)
+        except ValueError:  # over Python's 4300-digit limit for int()
+            value = -1
         if not 0 <= value < spec.num_labels:
-            raise DataError(f"{path}:{lineno}: label {value} is not a class of {spec.name} (0..{spec.num_labels - 1})")
+            raise DataError(f"{path}:{lineno}: label {digits[:40]} is not a class of {spec.name} "
+                            f"(0..{spec.num_labels - 1})")
         examples.append(Example(tuple(texts), value))
     if not examples:
         raise DataError(f"{path}: the file has a header but no examples")
     return examples
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_0" or Arabic-Indic digits
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
+os.umask(_UMASK)  # ... and put it back at once
+
+
 def _clean(obj: Any) -> Any:
     """JSON has no NaN/inf: write them as null so every reader can parse the file."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -28,6 +32,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes the file 0600, which would make run files private to one user
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -175,7 +175,8 @@ class AdaLoraSchedule:
     def scaled(cls, total_step: int, tinit_frac: float = 0.12, tfinal_frac: float = 0.48,
                delta_frac: float = 0.0015) -> "AdaLoraSchedule":
         tinit = round(tinit_frac * total_step)
-        tfinal = round(tfinal_frac * total_step)
+        tfinal = max(1, round(tfinal_frac * total_step))  # >= 1: the final mask is set at step total - tfinal
+        # PEFT measures importance only at steps < total - tfinal, and needs one such step before it masks
         if total_step - tfinal - tinit < 1:
             raise UserError(f"AdaLoRA needs a budgeting phase: {total_step} steps are too few for tinit={tinit}, tfinal={tfinal}")
         return cls(total_step, tinit, tfinal, max(1, round(delta_frac * total_step)))

@@ -358,8 +358,9 @@ class Trainer:
             self.fw.step(grad_scale=scaler.get_scale() if scaler is not None else None)
         self.optimizer.step()
         if self.cfg.method == "adalora":
-            # after backward, before zero_grad, once per optimizer step (PEFT's contract); 1-based step
-            self.unwrapped.base_model.update_and_allocate(self.global_step + 1)
+            # after backward, before zero_grad, once per optimizer step, with the 0-based step index
+            # (PEFT's contract and the AdaLoRA authors' trainer)
+            self.unwrapped.base_model.update_and_allocate(self.global_step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -604,6 +605,7 @@ def summarise(t: Trainer, env: dict, load_seconds: float) -> dict[str, Any]:
     return {
         "status": "complete",
         "task": cfg.task, "method": cfg.method, "seed": cfg.seed, "metric": metric,
+        "processes": t.accelerator.num_processes,
         "final": t.history[-1], "best": best,
         "epochs": t.history,
         "budget": {**s.budget.to_dict(), "trainable_params": trainable, "adapter_trainable_params": trainable - s.budget.head_params,
