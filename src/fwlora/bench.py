@@ -203,8 +203,11 @@ def run_bench(cells: list[Cell], output_dir: Path, retry_failed: bool = True, st
             raise
         except Exception as e:  # one bad run must not cost the others
             statuses[cell.key] = "failed"
+            recorded = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
+            if recorded.get("status") != "failed":  # keep what train() recorded (step, epochs so far)
+                recorded = {}
             write_json(run_dir / "result.json", {
-                "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                **recorded, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                 "config": cell.config.to_dict(), "task": cell.task, "method": cell.method, "seed": cell.seed})
             log.error("%s failed after %.0f s: %s (recorded; the bench goes on)", cell.key, time.perf_counter() - start, e)
             if stop_on_error:

@@ -129,7 +129,12 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
     if not resume:
         raise UserError(f"{run_dir} holds an unfinished run of this configuration ({status}); "
                         "pass --resume to continue it or --overwrite to start again")
-    return (run_dir / CHECKPOINT_DIR).is_dir()
+    checkpoint, previous = run_dir / CHECKPOINT_DIR, run_dir / (CHECKPOINT_DIR + ".old")
+    if not checkpoint.is_dir() and previous.is_dir():
+        previous.rename(checkpoint)  # stopped between save_checkpoint's two renames: the old one is whole
+    if not checkpoint.is_dir():
+        log.warning("%s has no checkpoint (stopped before its first one): starting the run from the beginning", run_dir)
+    return checkpoint.is_dir()
 
 
 # ---- setup -----------------------------------------------------------------------------------------
