@@ -21,9 +21,9 @@ that of the global batch the optimizer step sees, however it is split.
 
 Two estimators:
 - "exact": the accumulator is G itself (d_out x d_in, in float32 or better), freed after every step.
-- "sketch": the accumulator is G @ Omega, with Omega a d_in x p Gaussian matrix drawn afresh each step
+- "sketch": the accumulator is (G Omega)^T, with Omega a d_in x p Gaussian matrix drawn afresh each step
   (the same on every process). E ||G Omega||_F^2 = p ||G||_F^2, so ||G Omega||^2 / p is unbiased; it
-  costs p (d_in + d_out) per token instead of d_in * d_out, and keeps d_out x p numbers per layer.
+  costs p (d_in + d_out) per token instead of d_in * d_out, and keeps p x d_out numbers per layer.
 `measure_every=k` measures one warm-up step in k and updates the EMA with beta**k, so the average
 spans the same number of steps.
 """
@@ -214,9 +214,17 @@ class FisherWeightedLoRA:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         g2 = g.detach().reshape(-1, g.shape[-1]).to(dtype)  # (tokens, d_out)
         if self.config.estimator == "exact":
+            if g2.device.type == "cpu":
+                # Tokens whose output gradient is exactly zero (padding: no query attends to them, no loss
+                # reads them) add nothing to sum g x^T; dropping them is exact and, on padded batches,
+                # halves the product. Not on accelerators (a data-dependent shape is a host sync), nor
+                # for the sketch, whose product is cheaper than this scan.
+                keep = g2.ne(0).any(dim=1)
+                x2, g2 = x2[keep], g2[keep]
             piece = g2.T @ x2  # (d_out, d_in)
         else:
-            piece = g2.T @ (x2 @ self._sketch_matrix(x2.shape[1], dtype))  # (d_out, p)
+            # (G Omega)^T = (x Omega)^T g: (p, d_out); this order is ~2x faster than g^T (x Omega) in BLAS
+            piece = (x2 @ self._sketch_matrix(x2.shape[1], dtype)).T @ g2
         if name in self._acc:
             self._acc[name].add_(piece)
         else:
@@ -224,8 +232,9 @@ class FisherWeightedLoRA:
 
     def _acc_shape(self, name: str) -> tuple[int, int]:
         layer = self.layers[name]
-        width = layer.in_features if self.config.estimator == "exact" else self.config.sketch_size
-        return (layer.out_features, width)
+        if self.config.estimator == "exact":
+            return (layer.out_features, layer.in_features)
+        return (self.config.sketch_size, layer.out_features)
 
     def _sketch_matrix(self, d_in: int, dtype: torch.dtype) -> torch.Tensor:
         """Omega (d_in x p) for this step: seeded by (seed, step) so every process and a resumed run agree."""
