@@ -18,6 +18,14 @@ TARGETS = ["attention.self.query", "attention.self.key", "attention.self.value",
            "intermediate.dense", "output.dense"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run with --threads changes torch's global thread count: give it back after each test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def glue_dir() -> Path:
     if not (SHARED_GLUE / "cola" / "train.tsv").is_file():

@@ -13,17 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_data import write_task
 
 from fwlora.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,6 @@ METHOD_FILES = {"lora": set(), "fwlora": {"fwlora_state.safetensors"},
                 "adalora": {"adalora_rank_pattern.json"}}  # + adalora_allocator.safetensors while it allocates
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def cola(tmp_path_factory) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fwlora.config import METHODS, TrainConfig, load_config_file
+from fwlora.config import METHODS, TrainConfig
 from fwlora.data import task_spec
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.files import read_json, write_json

@@ -498,7 +498,7 @@ def method_stats(runs: dict[int, Run], expected_seeds: Sequence[int], lora: dict
     ratios to LoRA (median of per-seed ratios)."""
     complete = {s: r.result for s, r in runs.items() if r.status == "complete"}
     counts = defaultdict(int)
-    for s, r in runs.items():
+    for r in runs.values():
         if r.status != "complete":
             counts[r.status if r.status in ("failed", "running", "interrupted", "unreadable") else "unreadable"] += 1
     expected = sorted(set(expected_seeds) | set(runs))
@@ -627,7 +627,7 @@ def summarise_protocol(p: Protocol) -> dict[str, Any]:
     by: dict[tuple[str, str], dict[str, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
     for r in p.runs:
         by[(r.task, r.budget_label)][r.method][r.seed] = r
-    for task, label, method, seed in p.expected:
+    for task, label, _method, _seed in p.expected:
         by[(task, label)]  # a cell the bench planned but that holds nothing yet
     methods = [m for m in METHODS if any(m in v for v in by.values()) or any(e[2] == m for e in p.expected)]
     methods += sorted({r.method for r in p.runs} - set(methods))
