@@ -12,3 +12,12 @@ $FW sweep --task cola --methods lora,adalora,fwlora --trials 6 --model minilm --
     --data-dir "$DATA" --space examples/sweep_space_cpu.yaml --output-dir runs/sweep-cpu
 $FW bench --preset runs/sweep-cpu/tuned_preset.yaml --tasks cola --seeds 3 --output-dir runs/cpu-tuned --data-dir "$DATA"
 $FW report runs/cpu runs/cpu-tuned --output results/cpu
+# The pilot runs behind the cpu preset's choices (README, "Decisions"): CoLA, rank 2, seed 0, 3 epochs.
+pilot() { name=$1; shift; $FW train --task cola --rank 2 --data-dir "$DATA" --output-dir "runs/pilots/$name" "$@" \
+          || [ -f "runs/pilots/$name/result.json" ]; }
+pilot lora-mean-lr2e-4 --method lora --head mean --lr 2e-4 --resume
+pilot lora-mean-lr1e-3 --method lora --head mean --lr 1e-3 --resume
+pilot lora-cls-lr1e-3 --method lora --head model --lr 1e-3 --resume
+pilot adalora-mean-lr1e-3 --method adalora --head mean --lr 1e-3 --resume
+pilot adalora-mean-lr3e-3 --method adalora --head mean --lr 3e-3 --resume
+$FW report runs/pilots --output results/pilots
