@@ -19,6 +19,7 @@ import yaml
 from fwlora.errors import UserError
 
 METHODS = ("lora", "adalora", "fwlora")
+DEFAULT_BUDGET = 0.2  # % of the backbone, when neither --budget nor --rank is given
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -35,7 +36,8 @@ class TrainConfig:
     model: str = _f("minilm", "backbone: 'minilm' (bundled, offline) or a Hugging Face name/path, e.g. roberta-base")
     head: str = _f("auto", "classification head: 'model' (the architecture's own), 'mean' (mean pooling), "
                    "'auto' (mean for minilm, model otherwise; see README)")
-    budget: float | None = _f(None, "adapter budget in %% of the backbone's parameters (0.2 = 0.2 %%); maps to a rank")
+    budget: float | None = _f(None, "adapter budget in %% of the backbone's parameters (0.2 = 0.2 %%), mapped to "
+                              "the nearest rank; 0.2 when neither --budget nor --rank is given")
     rank: int | None = _f(None, "LoRA rank directly (instead of --budget); AdaLoRA: target_r = rank, init_r = ceil(1.5 rank)")
     target_modules: list[str] | None = _f(None, "comma-separated module-name suffixes to adapt (default: the six "
                                           "matrix types of METHOD.md for the architecture)")

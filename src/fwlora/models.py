@@ -7,7 +7,6 @@ package. Anything else is a Hugging Face model name or a local path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fwlora.budget import adalora_ranks
 from fwlora.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def build_peft_model(
         config = LoraConfig(r=rank, **common)
     elif method == "adalora":
         ada = dict(adalora or {})
-        init_r = ada.pop("init_r", math.ceil(1.5 * rank))
+        init_r = ada.pop("init_r", adalora_ranks(rank)[0])
         config = AdaLoraConfig(init_r=init_r, target_r=rank, **ada, **common)
     else:
         raise UserError(f"unknown method {method!r}: use lora, adalora or fwlora")

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from fwlora import analysis, models
-from fwlora.budget import Budget, make_budget
-from fwlora.config import TrainConfig
+from fwlora.budget import Budget, adalora_ranks, make_budget
+from fwlora.config import DEFAULT_BUDGET, TrainConfig
 from fwlora.data import encode, load_task, subset, task_spec
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.files import read_json, write_json
@@ -189,9 +189,8 @@ def setup(cfg: TrainConfig) -> Setup:
     model, tokenizer = models.load_backbone(cfg.model, spec.num_labels, head)
     targets = models.resolve_targets(model, cfg.target_modules)
     counts = models.count_params(model, targets)
-    budget = make_budget(counts.per_rank, counts.backbone, counts.head, rank=cfg.rank,
-                         percent=cfg.budget if cfg.rank is None else None) if (cfg.rank or cfg.budget) else \
-        make_budget(counts.per_rank, counts.backbone, counts.head, percent=0.2)
+    percent = None if cfg.rank is not None else (cfg.budget if cfg.budget is not None else DEFAULT_BUDGET)
+    budget = make_budget(counts.per_rank, counts.backbone, counts.head, rank=cfg.rank, percent=percent)
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -209,7 +208,7 @@ def setup(cfg: TrainConfig) -> Setup:
     adalora_kwargs = None
     if cfg.method == "adalora":
         schedule = models.AdaLoraSchedule.scaled(total_steps, cfg.adalora_tinit, cfg.adalora_tfinal, cfg.adalora_delta)
-        init_r = math.ceil(1.5 * budget.rank)
+        init_r, _ = adalora_ranks(budget.rank)
         lora_alpha = cfg.adalora_alpha or default_adalora_alpha(init_r)
         adalora_kwargs = dict(init_r=init_r, total_step=schedule.total_step, tinit=schedule.tinit,
                               tfinal=schedule.tfinal, deltaT=schedule.deltaT, beta1=cfg.adalora_beta1,
@@ -602,7 +601,8 @@ def summarise(t: Trainer, env: dict, load_seconds: float) -> dict[str, Any]:
     if cfg.method == "adalora":
         extra["adalora_rank"] = models.adalora_rank_pattern(t.unwrapped)
         sch = s.adalora_schedule
-        adalora_info = {"init_r": math.ceil(1.5 * s.budget.rank), "target_r": s.budget.rank, "lora_alpha": s.lora_alpha,
+        init_r, target_r = adalora_ranks(s.budget.rank)
+        adalora_info = {"init_r": init_r, "target_r": target_r, "lora_alpha": s.lora_alpha,
                         "total_step": sch.total_step, "tinit": sch.tinit, "tfinal": sch.tfinal, "deltaT": sch.deltaT,
                         "orth_reg_weight": cfg.adalora_orth_reg, "beta1": cfg.adalora_beta1, "beta2": cfg.adalora_beta2,
                         "final_total_rank": sum(extra["adalora_rank"].values()) if extra["adalora_rank"] else None}
