@@ -10,6 +10,7 @@ variant's step time divided by LoRA's on that iteration. Variants (identical wei
   fw-warmup-exact FW-LoRA during warm-up, exact ||G||^2 every step (the default)
   fw-warmup-sketch FW-LoRA during warm-up, Gaussian sketch with p columns
   fw-warmup-every FW-LoRA during warm-up, exact but one step in k
+  fw-warmup-sketch-every  both: the sketch, one step in k
   fw-penalty      FW-LoRA after warm-up (Gram-form penalty, no measuring)
 The whole-run ratio at the protocol's settings is (K r_warmup + (T - K) r_penalty) / T.
 
@@ -90,6 +91,8 @@ def measure(args, device) -> dict:
         "fw-warmup-exact": FWLoRAConfig(warmup_steps=10**9),
         "fw-warmup-sketch": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size),
         "fw-warmup-every": FWLoRAConfig(warmup_steps=10**9, measure_every=args.every),
+        "fw-warmup-sketch-every": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size,
+                                               measure_every=args.every),
         "fw-penalty": FWLoRAConfig(warmup_steps=1),
     }
     variants = []
@@ -132,6 +135,9 @@ def agreement(args, device) -> dict:
         estimators[f"sketch p={p}"] = FWLoRAConfig(warmup_steps=k, estimator="sketch", sketch_size=p, seed=p)
     for every in [e for e in (args.every, 4 * args.every) if e <= k]:
         estimators[f"exact, every {every}"] = FWLoRAConfig(warmup_steps=k, measure_every=every)
+    if args.every <= k:
+        estimators[f"sketch p={args.sketch_size}, every {args.every}"] = FWLoRAConfig(
+            warmup_steps=k, estimator="sketch", sketch_size=args.sketch_size, measure_every=args.every, seed=99)
     fws = {name: FisherWeightedLoRA(model, cfg) for name, cfg in estimators.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     for batch in batches(args.task, args.data_dir, k, args.batch_size, tokenizer, seed=1):
@@ -192,12 +198,13 @@ def main() -> int:
     whole = {}
     post = m["median_ratio"]["fw-penalty"]
     lines += ["", f"whole run with K = {args.warmup_steps} warm-up steps (K r_warmup + (T - K) r_penalty) / T:",
-              "| run | exact | sketch | every k |", "|---|---|---|---|"]
+              "| run | exact | sketch | exact, every k | sketch, every k |", "|---|---|---|---|---|"]
+    variants = ("exact", "sketch", "every", "sketch-every")
     for label, total in PROTOCOL_RUNS.items():
         k = min(args.warmup_steps, total)
-        row = {v: (k * m["median_ratio"][f"fw-warmup-{v}"] + (total - k) * post) / total for v in ("exact", "sketch", "every")}
+        row = {v: (k * m["median_ratio"][f"fw-warmup-{v}"] + (total - k) * post) / total for v in variants}
         whole[label] = row
-        lines.append(f"| {label} | {row['exact']:.3f} | {row['sketch']:.3f} | {row['every']:.3f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{row[v]:.3f}" for v in variants) + " |")
     result = {"device": device_name, "settings": vars(args), "steps": m, "whole_run": whole,
               "targets": {"after_warmup": 1.005, "whole_run": 1.01}}
     if args.agreement_steps:
