@@ -47,8 +47,13 @@ def batches(task: str, data_dir: str | None, n: int, batch_size: int, tokenizer,
     from transformers import DataCollatorWithPadding
 
     train, _, _ = load_task(task, data_dir)
-    rows = encode(subset(train, n * batch_size, seed=seed), tokenizer, 128)
-    random.Random(seed).shuffle(rows)
+    encoded = encode(subset(train, n * batch_size, seed=seed), tokenizer, 128)
+    rng = random.Random(seed)
+    rows: list = []
+    while len(rows) < n * batch_size:  # more steps than one epoch holds: further epochs, reshuffled
+        epoch = list(encoded)
+        rng.shuffle(epoch)
+        rows += epoch
     collate = DataCollatorWithPadding(tokenizer)
     return [collate(rows[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
 
@@ -207,14 +212,17 @@ def main() -> int:
         lines.append(f"| {label} | " + " | ".join(f"{row[v]:.3f}" for v in variants) + " |")
     result = {"device": device_name, "settings": vars(args), "steps": m, "whole_run": whole,
               "targets": {"after_warmup": 1.005, "whole_run": 1.01}}
+    print("\n".join(lines), flush=True)  # the timings first: the agreement run takes a while
     if args.agreement_steps:
         a = agreement(args, device)
         result["agreement"] = a
         lines += ["", f"estimator agreement with the exact scores after {a['steps']} warm-up steps "
                       f"({a['matrices']} matrices, one LoRA run):",
                   "| estimator | Spearman rho | median relative error of I_m |", "|---|---|---|"]
-        lines += [f"| {n} | {v['spearman']:.4f} | {v['median_relative_error']:.3f} |" for n, v in a["estimators"].items()]
-    print("\n".join(lines))
+        agreement_lines = [f"| {n} | {v['spearman']:.4f} | {v['median_relative_error']:.3f} |"
+                           for n, v in a["estimators"].items()]
+        lines += agreement_lines
+        print("\n".join(lines[-len(agreement_lines) - 3:]))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
