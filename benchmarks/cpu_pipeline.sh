@@ -20,4 +20,4 @@ pilot lora-mean-lr1e-3 --method lora --head mean --lr 1e-3 --resume
 pilot lora-cls-lr1e-3 --method lora --head model --lr 1e-3 --resume
 pilot adalora-mean-lr1e-3 --method adalora --head mean --lr 1e-3 --resume
 pilot adalora-mean-lr3e-3 --method adalora --head mean --lr 3e-3 --resume
-$FW report runs/pilots --output results/pilots
+$FW report runs/pilots --output runs/pilots/report   # committed: results/pilots (see its README)
