@@ -1,0 +1,36 @@
+"""The benchmark scripts' own helpers (the scripts are run by hand, not by CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+
+from conftest import REPO
+
+
+def load_overhead():
+    spec = importlib.util.spec_from_file_location("overhead_benchmark", REPO / "benchmarks" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_batches_run_past_one_epoch(glue_dir, monkeypatch):
+    """The agreement run asks for more batches than RTE's 2,490 sentences hold: further epochs, reshuffled."""
+    monkeypatch.setattr(sys, "argv", ["overhead.py"])
+    overhead = load_overhead()
+    from fwlora import models
+
+    _, tokenizer = models.load_backbone("minilm", 2, "mean")
+    n, size = 100, 32  # 3,200 rows > 2,490
+    got = overhead.batches("rte", str(glue_dir), n, size, tokenizer, seed=1)
+    assert len(got) == n and all(b["input_ids"].shape[0] == size for b in got)
+    epoch = 2490 // size  # the first full batches come from one pass: no sentence twice
+    pad = tokenizer.pad_token_id
+    first = [tuple(row[row != pad].tolist()) for b in got[:epoch] for row in b["input_ids"]]
+    train, _, _ = overhead.load_task("rte", str(glue_dir))
+    every = Counter(tuple(row["input_ids"]) for row in overhead.encode(train, tokenizer, 128))
+    assert not Counter(first) - every  # no sentence more often than the data holds it
+    later = [tuple(row[row != pad].tolist()) for b in got[epoch + 1:] for row in b["input_ids"]]
+    assert set(later) <= set(every) and later[:size] != first[:size]  # the second pass, in a new order
