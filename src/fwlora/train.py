@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -667,7 +668,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     result = summarise(t, env, load_seconds)
     result["config"] = cfg.to_dict()
     if t.is_main:
-        t.unwrapped.save_pretrained(str(run_dir / ADAPTER_DIR))
+        with warnings.catch_warnings():
+            # AdaLoRA saves the matrices it pruned to rank 0 as (0, d) tensors, which PEFT mistakes for
+            # ungathered ZeRO-3 / FSDP shards; the adapter is complete and loads back.
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+            t.unwrapped.save_pretrained(str(run_dir / ADAPTER_DIR))
         if t.fw is not None:
             t.fw.save(run_dir / ADAPTER_DIR)
         write_json(run_dir / RESULT_FILE, result)
