@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 DATA=${FWLORA_DATA_DIR:-../shared/glue}
 FW=.venv/bin/fwlora
 $FW bench --preset cpu --output-dir runs/cpu --data-dir "$DATA"
-.venv/bin/python benchmarks/overhead.py --data-dir "$DATA" --steps 100 --agreement-steps 300 --json results/overhead/cpu.json
+.venv/bin/python benchmarks/overhead.py --data-dir "$DATA" --steps 60 --agreement-steps 300 --json results/overhead/cpu.json
 $FW sweep --task cola --methods lora,adalora,fwlora --trials 6 --model minilm --rank 2 --epochs 3 --batch-size 32 \
     --seed 100 --data-dir "$DATA" --space examples/sweep_space_cpu.yaml --output-dir runs/sweep-cpu
 $FW bench --preset runs/sweep-cpu/tuned_preset.yaml --tasks cola --seeds 3 --output-dir runs/cpu-tuned --data-dir "$DATA"
