@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fwlora.cli import main
@@ -248,7 +248,7 @@ def tsv_file(draw):
 def expected_outcome(header, rows, crlf, final_newline, bom):
     """What the format says: ('error', line or None) or ('ok', examples)."""
     if not final_newline and rows and rows[-1] == [""]:
-        rows = rows[:-1]  # "...\n" + "" is the same file as one ending in a line end
+        rows, final_newline = rows[:-1], True  # "...\n" + "" is the same file as one ending in a line end
     if header == [""] and not rows and not final_newline:
         return "error", None  # the empty file
     if header != ["sentence", "label"]:
@@ -268,6 +268,7 @@ def expected_outcome(header, rows, crlf, final_newline, bom):
 
 @settings(max_examples=200, deadline=None)
 @given(tsv_file())
+@example(([""], [[""]], False, False, False))  # "\n": one empty header line, not an empty file
 def test_random_tsv_gives_the_examples_or_the_first_bad_line(tmp_path_factory, case):
     header, rows, crlf, final_newline, bom = case
     end = "\r\n" if crlf else "\n"
