@@ -216,13 +216,12 @@ def main() -> int:
     if args.agreement_steps:
         a = agreement(args, device)
         result["agreement"] = a
-        lines += ["", f"estimator agreement with the exact scores after {a['steps']} warm-up steps "
-                      f"({a['matrices']} matrices, one LoRA run):",
-                  "| estimator | Spearman rho | median relative error of I_m |", "|---|---|---|"]
-        agreement_lines = [f"| {n} | {v['spearman']:.4f} | {v['median_relative_error']:.3f} |"
-                           for n, v in a["estimators"].items()]
-        lines += agreement_lines
-        print("\n".join(lines[-len(agreement_lines) - 3:]))
+        block = [f"estimator agreement with the exact scores after {a['steps']} warm-up steps "
+                 f"({a['matrices']} matrices, one LoRA run):",
+                 "| estimator | Spearman rho | median relative error of I_m |", "|---|---|---|"]
+        block += [f"| {n} | {v['spearman']:.4f} | {v['median_relative_error']:.3f} |" for n, v in a["estimators"].items()]
+        lines += ["", *block]
+        print("\n".join(block))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
