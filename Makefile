@@ -8,7 +8,9 @@ STAMP := $(VENV)/.fwlora-installed
 DATA_DIR ?= $(if $(wildcard ../shared/glue/cola/train.tsv),../shared/glue,$(FWLORA_DATA_DIR))
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-.PHONY: install quick test bench-cpu overhead clean
+.PHONY: install quick test bench-cpu bench-fwrank overhead clean
+
+include mk/backbones.mk
 
 install: $(STAMP)
 
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[experiments,dev]'
 	touch $(STAMP)
 
 quick: $(STAMP)  ## the README's main command: LoRA vs AdaLoRA vs FW-LoRA on real GLUE, offline, minutes
@@ -27,6 +29,9 @@ test: $(STAMP)   ## the test suite (CI runs exactly this)
 
 bench-cpu: $(STAMP)  ## the committed headline results (hours on 2 CPU cores; resumable)
 	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset cpu --output-dir runs/cpu $(DATA_FLAG)
+
+bench-fwrank: $(STAMP)  ## the release-2 comparison: LoRA, AdaLoRA, FW-LoRA, fwrank on CoLA and SST-2 (hours; resumable)
+	HF_HUB_OFFLINE=1 $(BIN)/fwlora bench --preset fwrank --output-dir runs/fwrank $(DATA_FLAG)
 
 overhead: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py $(DATA_FLAG)

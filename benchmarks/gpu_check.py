@@ -33,13 +33,14 @@ def device_name() -> str:
 
 def short_training(method: str, out: Path, data_dir: str | None, extra: dict, smoke: bool = False) -> dict:
     from fwlora.config import TrainConfig
-    from fwlora.train import quiet_transformers, train
+    from fwlora.rundir import quiet_transformers
+    from fwlora.train import train
 
     settings = dict(task="cola", method=method, model="minilm", rank=2, lr=3e-3 if method == "adalora" else 1e-3,
                     epochs=1, train_limit=64 if smoke else 3200, batch_size=32, fw_warmup_steps=1 if smoke else 50,
                     data_dir=data_dir, output_dir=str(out / method), **extra)
     with quiet_transformers():
-        return train(TrainConfig.from_dict(settings), overwrite=True)
+        return train(TrainConfig.from_dict(settings), overwrite=True).to_dict()
 
 
 def main() -> int:

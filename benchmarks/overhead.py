@@ -1,4 +1,4 @@
-"""FW-LoRA's cost against plain LoRA, measured side by side in one process on the same batches.
+"""FW-LoRA's and fwrank's cost against plain LoRA, measured side by side in one process on the same batches.
 
     python benchmarks/overhead.py                     # offline backbone, CoLA batches, CPU or GPU
     python benchmarks/overhead.py --steps 60 --json results/overhead/cpu.json
@@ -7,12 +7,15 @@ Every iteration trains each variant one optimizer step on the same batch, in a s
 drift of the machine hits all variants alike; the table gives the median over iterations of each
 variant's step time divided by LoRA's on that iteration. Variants (identical weights at the start):
   lora            plain LoRA
-  fw-warmup-exact FW-LoRA during warm-up, exact ||G||^2 every step (the default)
+  fw-warmup-exact FW-LoRA during warm-up, exact ||G||^2 every step (release 1's default)
   fw-warmup-sketch FW-LoRA during warm-up, Gaussian sketch with p columns
-  fw-warmup-every FW-LoRA during warm-up, exact but one step in k
+  fw-warmup-every FW-LoRA during warm-up, exact but one step in k (release 2's default, k = 8)
   fw-warmup-sketch-every  both: the sketch, one step in k
   fw-penalty      FW-LoRA after warm-up (Gram-form penalty, no measuring)
-The whole-run ratio at the protocol's settings is (K r_warmup + (T - K) r_penalty) / T.
+  fwrank-warmup-every1   fwrank during warm-up: sketched gradient second moments (p columns) every step
+  fwrank-warmup   fwrank during warm-up, one step in k (its default)
+The whole-run ratio at the protocol's settings is (K r_warmup + (T - K) r_penalty) / T; fwrank trains plain
+LoRA of the same size after its K steps (r_after = 1).
 
 --agreement trains LoRA for K steps with every estimator attached to the same model and reports the
 Spearman rank correlation of each estimator's scores with the exact ones (does the cheap one rank the
@@ -36,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from fwlora import FisherWeightedLoRA, FWLoRAConfig  # noqa: E402
+from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig  # noqa: E402
 from fwlora import models  # noqa: E402
 from fwlora.data import encode, load_task, subset  # noqa: E402
 
@@ -60,10 +63,12 @@ def batches(task: str, data_dir: str | None, n: int, batch_size: int, tokenizer,
 
 def build(rank: int, head: str, device: torch.device):
     torch.manual_seed(0)
+    from peft import LoraConfig, get_peft_model
+
     model, tokenizer = models.load_backbone("minilm", 2, head)
     targets = models.resolve_targets(model)
-    peft_model = models.build_peft_model(model, "lora", rank, targets, lora_alpha=2.0 * rank, lora_dropout=0.0)
-    return peft_model.to(device), tokenizer
+    config = LoraConfig(r=rank, lora_alpha=2.0 * rank, target_modules=targets, modules_to_save=models.head_modules(model))
+    return get_peft_model(model, config).to(device), tokenizer
 
 
 class Variant:
@@ -78,7 +83,7 @@ class Variant:
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = self.model(**batch).loss
-        if self.fw is not None:
+        if isinstance(self.fw, FisherWeightedLoRA):
             loss = loss + self.fw.penalty()
         loss.backward()
         if self.fw is not None:
@@ -93,19 +98,25 @@ class Variant:
 def measure(args, device) -> dict:
     configs = {
         "lora": None,
-        "fw-warmup-exact": FWLoRAConfig(warmup_steps=10**9),
-        "fw-warmup-sketch": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size),
+        "fw-warmup-exact": FWLoRAConfig(warmup_steps=10**9, measure_every=1),
+        "fw-warmup-sketch": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size,
+                                         measure_every=1),
         "fw-warmup-every": FWLoRAConfig(warmup_steps=10**9, measure_every=args.every),
         "fw-warmup-sketch-every": FWLoRAConfig(warmup_steps=10**9, estimator="sketch", sketch_size=args.sketch_size,
                                                measure_every=args.every),
         "fw-penalty": FWLoRAConfig(warmup_steps=1),
+        "fwrank-warmup-every1": FWRankConfig(warmup_steps=10**9, sketch_size=args.sketch_size, measure_every=1),
+        "fwrank-warmup": FWRankConfig(warmup_steps=10**9, sketch_size=args.sketch_size, measure_every=args.every),
     }
     variants = []
     tokenizer = None
     for name, config in configs.items():
         model, tokenizer = build(args.rank, args.head, device)
         model.train()
-        fw = FisherWeightedLoRA(model, config) if config is not None else None
+        if isinstance(config, FWRankConfig):
+            fw = FisherRankAllocation(model, config)
+        else:
+            fw = FisherWeightedLoRA(model, config) if config is not None else None
         variants.append(Variant(name, model, fw, args.lr))
     data = batches(args.task, args.data_dir, args.steps + args.skip, args.batch_size, tokenizer)
     rng = random.Random(1)
@@ -135,7 +146,7 @@ def agreement(args, device) -> dict:
     model, tokenizer = build(args.rank, args.head, device)
     model.train()
     k = args.agreement_steps
-    estimators = {"exact": FWLoRAConfig(warmup_steps=k)}
+    estimators = {"exact": FWLoRAConfig(warmup_steps=k, measure_every=1)}
     for p in (2, args.sketch_size, 32):
         estimators[f"sketch p={p}"] = FWLoRAConfig(warmup_steps=k, estimator="sketch", sketch_size=p, seed=p)
     for every in [e for e in (args.every, 4 * args.every) if e <= k]:
@@ -144,6 +155,10 @@ def agreement(args, device) -> dict:
         estimators[f"sketch p={args.sketch_size}, every {args.every}"] = FWLoRAConfig(
             warmup_steps=k, estimator="sketch", sketch_size=args.sketch_size, measure_every=args.every, seed=99)
     fws = {name: FisherWeightedLoRA(model, cfg) for name, cfg in estimators.items()}
+    # fwrank's statistic: trace of the sketched second moment, its default schedule (one step in k)
+    rank_stats = {f"fwrank trace, p={args.sketch_size}, every {e}": FisherRankAllocation(
+        model, FWRankConfig(warmup_steps=k + 1, sketch_size=args.sketch_size, measure_every=e, seed=7))
+        for e in (1, args.every) if e <= k}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     for batch in batches(args.task, args.data_dir, k, args.batch_size, tokenizer, seed=1):
         batch = {key: v.to(device) for key, v in batch.items()}
@@ -151,6 +166,8 @@ def agreement(args, device) -> dict:
         for fw in fws.values():
             fw.step()
         opt.step()
+        for fr in rank_stats.values():
+            fr.step()
         opt.zero_grad(set_to_none=True)
     exact = fws["exact"].importance
     names = list(exact)
@@ -160,6 +177,12 @@ def agreement(args, device) -> dict:
             continue
         rho = spearmanr([exact[n] for n in names], [fw.importance[n] for n in names]).statistic
         rel = statistics.median(abs(fw.importance[n] / exact[n] - 1) for n in names if exact[n] > 0)
+        out[name] = {"spearman": float(rho), "median_relative_error": float(rel)}
+    for name, fr in rank_stats.items():
+        total = sum(fr.fisher.values())
+        scores = {n: v / total for n, v in fr.fisher.items()}
+        rho = spearmanr([exact[n] for n in names], [scores[n] for n in names]).statistic
+        rel = statistics.median(abs(scores[n] / exact[n] - 1) for n in names if exact[n] > 0)
         out[name] = {"spearman": float(rho), "median_relative_error": float(rel)}
     return {"steps": k, "matrices": len(names), "estimators": out}
 
@@ -177,6 +200,7 @@ def main() -> int:
     parser.add_argument("--sketch-size", type=int, default=8)
     parser.add_argument("--every", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=500, help="K of the protocol, for the whole-run ratio")
+    parser.add_argument("--fwrank-warmup-steps", type=int, default=200, help="fwrank's K, for its whole-run ratio")
     parser.add_argument("--agreement-steps", type=int, default=200, help="0 skips the estimator agreement check")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="also write the numbers to this file")
@@ -203,13 +227,18 @@ def main() -> int:
     whole = {}
     post = m["median_ratio"]["fw-penalty"]
     lines += ["", f"whole run with K = {args.warmup_steps} warm-up steps (K r_warmup + (T - K) r_penalty) / T:",
-              "| run | exact | sketch | exact, every k | sketch, every k |", "|---|---|---|---|---|"]
+              f"(fwrank: its K = {args.fwrank_warmup_steps}, then plain LoRA of the same size)",
+              "| run | FW exact | FW sketch | FW exact, every k | FW sketch, every k | fwrank every step | fwrank every k |",
+              "|---|---|---|---|---|---|---|"]
     variants = ("exact", "sketch", "every", "sketch-every")
     for label, total in PROTOCOL_RUNS.items():
         k = min(args.warmup_steps, total)
         row = {v: (k * m["median_ratio"][f"fw-warmup-{v}"] + (total - k) * post) / total for v in variants}
+        kr = min(args.fwrank_warmup_steps, total)
+        for v, key in (("fwrank-every1", "fwrank-warmup-every1"), ("fwrank", "fwrank-warmup")):
+            row[v] = (kr * m["median_ratio"][key] + (total - kr)) / total
         whole[label] = row
-        lines.append(f"| {label} | " + " | ".join(f"{row[v]:.3f}" for v in variants) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{row[v]:.3f}" for v in (*variants, "fwrank-every1", "fwrank")) + " |")
     result = {"device": device_name, "settings": vars(args), "steps": m, "whole_run": whole,
               "targets": {"after_warmup": 1.005, "whole_run": 1.01}}
     print("\n".join(lines), flush=True)  # the timings first: the agreement run takes a while

@@ -24,9 +24,10 @@ def main() -> None:
         t.fit(stop)
     rank = t.accelerator.process_index
     tensors = {f"adapter/{n}": p.detach().cpu().contiguous() for n, p in t.unwrapped.named_parameters() if p.requires_grad}
-    if t.fw is not None:
-        tensors["fisher"] = t.fw._fisher.cpu()
-        tensors["importance"] = t.fw._importance.cpu()
+    fw = getattr(t.method, "fw", None)  # FW-LoRA's library object inside its plug-in
+    if fw is not None:
+        tensors["fisher"] = fw._fisher.cpu()
+        tensors["importance"] = fw._importance.cpu()
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world": t.accelerator.num_processes, "history": t.history,
                                                        "steps": t.global_step}))

@@ -35,3 +35,20 @@ def test_overhead_batches_run_past_one_epoch(glue_dir, monkeypatch):
     assert not Counter(first) - every  # no sentence more often than the data holds it
     later = [tuple(row[row != pad].tolist()) for b in got[epoch + 1:] for row in b["input_ids"]]
     assert set(later) <= set(every) and later[:size] != first[:size]  # the second pass, in a new order
+
+
+def test_overhead_script_runs_every_variant_and_estimator(glue_dir, tmp_path):
+    """A smoke-sized run of the whole script (the numbers themselves come from runs made by hand)."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "o.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--data-dir", str(glue_dir), "--steps", "2",
+           "--skip", "1", "--agreement-steps", "9", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"fwrank-warmup", "fwrank-warmup-every1", "fw-warmup-every"} <= set(result["steps"]["median_ratio"])
+    assert all("fwrank" in row for row in result["whole_run"].values())
+    assert any(name.startswith("fwrank trace") for name in result["agreement"]["estimators"])

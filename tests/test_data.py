@@ -68,7 +68,9 @@ def test_label_with_surrounding_spaces_is_read(tmp_path):
     assert read_tsv(path, COLA) == [Example(("ok",), 1)]
 
 
-def test_real_glue_copy_has_the_documented_row_counts(glue_dir):
+@pytest.mark.realdata
+def test_real_glue_copy_has_the_documented_row_counts(real_glue_dir):
+    glue_dir = real_glue_dir
     counts = {"sst2": (67349, 872), "cola": (8551, 1043), "rte": (2490, 277), "mrpc": (3668, 408)}
     ones = {"sst2": (37569, 444), "cola": (6023, 721), "rte": (1241, 131), "mrpc": (2474, 279)}
     for task, (n_train, n_val) in counts.items():
@@ -283,3 +285,99 @@ def test_random_tsv_gives_the_examples_or_the_first_bad_line(tmp_path_factory, c
         read_tsv(path, COLA)
     prefix = f"{path}:{value}: " if value is not None else f"{path}: "
     assert str(info.value).startswith(prefix), (str(info.value), value)
+
+
+# ---- the Task interface ------------------------------------------------------------------------------
+
+
+def test_get_task_gives_each_kind_its_model_and_metric():
+    from fwlora.data import Task, get_task
+
+    cola, mrpc, mnli = get_task("cola"), get_task("mrpc"), get_task("mnli")
+    assert (cola.name, cola.metric, cola.higher_is_better, cola.model_kind, cola.num_labels) == \
+        ("cola", "mcc", True, "sequence-classification", 2)
+    assert (mrpc.metric, mrpc.is_pair, mnli.num_labels) == ("accuracy", True, 3)
+    gsm, alpaca, dolly = get_task("gsm8k"), get_task("alpaca"), get_task("dolly")
+    assert (gsm.metric, gsm.higher_is_better, gsm.model_kind, gsm.num_labels, gsm.max_new_tokens) == \
+        ("exact_match", True, "causal-lm", None, 256)
+    assert get_task("gsm8k", max_new_tokens=32).max_new_tokens == 32
+    assert (alpaca.metric, alpaca.higher_is_better, dolly.metric) == ("eval_loss", False, "eval_loss")
+    assert all(isinstance(t, Task) for t in (cola, gsm, alpaca))
+    with pytest.raises(UserError, match=r"unknown task 'colaa'; known tasks: cola, .* \(GLUE classification\), gsm8k, alpaca, dolly"):
+        get_task("colaa")
+    with pytest.raises(UserError, match="regression"):
+        get_task("stsb")
+
+
+def test_classification_metrics_by_hand():
+    import math
+
+    import numpy as np
+
+    from fwlora.data import classification_metrics
+
+    labels, preds = np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 1])
+    tp, tn, fp, fn = 2, 2, 0, 1
+    m = classification_metrics(labels, preds, pair=True)
+    assert m["accuracy"] == pytest.approx(4 / 5)
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert "f1" not in classification_metrics(labels, preds, pair=False)
+
+
+def test_majority_baseline_is_what_a_constant_predictor_scores():
+    from fwlora.data import get_task
+
+    val = [Example(("a",), 1), Example(("b",), 1), Example(("c",), 0), Example(("d",), 1)]
+    assert get_task("cola").majority_baseline(val) == {"accuracy": 0.75, "mcc": 0.0}
+    pair = [Example(("a", "b"), y) for y in (1, 1, 0, 1)]
+    # always 1: precision 3/4, recall 1 -> F1 = 2 * 3/4 / (3/4 + 1)
+    assert get_task("mrpc").majority_baseline(pair) == pytest.approx({"accuracy": 0.75, "mcc": 0.0, "f1": 6 / 7})
+    zeros = [Example(("a", "b"), y) for y in (0, 0, 1)]
+    assert get_task("rte").majority_baseline(zeros) == pytest.approx({"accuracy": 2 / 3, "mcc": 0.0, "f1": 0.0})
+    tie = [Example(("a", "b"), y) for y in (2, 0, 2, 0, 1)]
+    assert get_task("mnli").majority_baseline(tie)["accuracy"] == pytest.approx(0.4)  # the lowest of the tied classes
+
+
+def test_classification_evaluate_gathers_the_argmax_over_the_whole_set():
+    import torch
+    from accelerate import Accelerator
+    from conftest import tiny_bert
+
+    from fwlora.data import classification_metrics, get_task
+    from test_instruct import tiny_tokenizer
+
+    task = get_task("mrpc")
+    tok = tiny_tokenizer()
+    tok.pad_token = "<unk>"  # id 0 < tiny_bert's vocabulary of 50
+    gen = torch.Generator().manual_seed(0)
+    items = [{"input_ids": torch.randint(1, 50, (int(n),), generator=gen).tolist(), "labels": int(y)}
+             for n, y in zip(torch.randint(3, 9, (7,), generator=gen), torch.randint(0, 2, (7,), generator=gen))]
+    for item in items:
+        item["attention_mask"] = [1] * len(item["input_ids"])
+    model = tiny_bert(seed=3)
+    loader = torch.utils.data.DataLoader(items, batch_size=3, collate_fn=task.eval_collator(tok))
+    model.train()
+    metrics = task.evaluate(model, loader, Accelerator(cpu=True), tok, max_new_tokens=5)
+    assert model.training
+    model.eval()
+    with torch.no_grad():  # by hand: one example at a time, unpadded
+        preds = [int(model(input_ids=torch.tensor([i["input_ids"]])).logits.argmax()) for i in items]
+    labels = [i["labels"] for i in items]
+    assert metrics == classification_metrics(torch.tensor(labels).numpy(), torch.tensor(preds).numpy(), pair=True)
+    assert metrics["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / 7)
+
+
+def test_pairs_keep_the_tokenizer_s_template_or_are_joined_by_a_line_break():
+    from transformers import AutoTokenizer
+
+    from fwlora.data import encode
+    from fwlora.models import resolve_backbone
+    from test_instruct import tiny_tokenizer
+
+    pair = [Example(("what is two", "plus three"), 1)]
+    bert = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
+    assert encode(pair, bert, 32)[0]["input_ids"] == bert("what is two", "plus three")["input_ids"]  # [SEP] between
+    decoder = tiny_tokenizer()  # no pair template, like SmolLM2's
+    item = encode(pair, decoder, 32)[0]
+    assert item["input_ids"] == decoder("what is two\nplus three")["input_ids"] and item["labels"] == 1

@@ -136,3 +136,58 @@ def test_torchrun_runs_the_cli(setup_dirs):
     assert result["status"] == "complete" and result["processes"] == 2
     assert result["timing"]["optimizer_steps"] == 8  # 64 examples / global batch 16 x 2 epochs
     assert sum(r["importance"] for r in result["matrices"]) == pytest.approx(1.0)
+
+
+def test_a_killed_process_ends_the_torchrun_run_and_resume_finishes_it(setup_dirs, tmp_path):
+    """One of two gloo processes killed with SIGKILL mid-run: the whole run ends (torchrun names the dead
+    process), no result is written, and `--resume` from the last periodic checkpoint reaches the same final
+    metrics and adapter as an uninterrupted run."""
+    import signal
+    import time
+
+    import psutil
+    from safetensors.torch import load_file as load
+
+    model, _, _ = setup_dirs
+    data = sentence_data(tmp_path, n=1024)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def command(out: Path, port: int, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "fwlora", "train", "--model", str(model), "--task", "sst2", "--data-dir", str(data),
+                "--method", "fwlora", "--rank", "2", "--epochs", "2", "--batch-size", "16", "--fw-warmup-steps", "6",
+                "--max-length", "16", "--checkpoint-every", "5", "--output-dir", str(out), *extra]
+
+    port = 31600 + os.getpid() % 1000
+    reference = tmp_path / "straight"
+    done = subprocess.run(command(reference, port), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed, port + 1), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = killed / "checkpoint" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a periodic checkpoint past the warm-up, well before the end (128 steps)
+        try:
+            if 10 <= json.loads(progress.read_text())["global_step"] < 100:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=240)  # the survivor must not hang on its dead peer
+    assert proc.returncode != 0
+    assert "SIGKILL" in stderr or "Signal 9" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
+    assert not (killed / "result.json").exists()
+
+    resumed = subprocess.run(command(killed, port + 2, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, res = (json.loads((d / "result.json").read_text()) for d in (reference, killed))
+    assert res["status"] == "complete" and res["timing"]["optimizer_steps"] == ref["timing"]["optimizer_steps"] == 128
+    assert [{k: v for k, v in e.items() if "seconds" not in k} for e in res["epochs"]] == \
+        [{k: v for k, v in e.items() if "seconds" not in k} for e in ref["epochs"]]
+    a, b = (load(str(d / "adapter" / "adapter_model.safetensors")) for d in (reference, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

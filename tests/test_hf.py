@@ -96,3 +96,63 @@ def test_readme_examples_run(script, glue_dir, tmp_path):
     assert "most important matrices:" in done.stdout
     if script == "hf_trainer.py":
         assert (tmp_path / "out" / STATE_FILE).is_file()
+
+
+# ---- fwrank in the Trainer ------------------------------------------------------------------------------
+
+
+def run_rank_trainer(tmp_path, steps: int, warmup: int, **kw):
+    from transformers import TrainingArguments
+
+    from fwlora import FWRankConfig
+    from fwlora.hf import FWRankTrainer
+
+    torch.manual_seed(0)
+    model = lora(tiny_bert(dtype=torch.float32), init_b=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=steps,
+                             learning_rate=0.05, lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_drop_last=True,
+                             disable_tqdm=True, weight_decay=0.0, **kw)
+    config = FWRankConfig(target_rank=2, warmup_steps=warmup, sketch_size=0, r_max=4, measure_every=1)
+    trainer = FWRankTrainer(model=model, args=args, train_dataset=ListDataset(batch(n=16 * steps, seed=1)),
+                            rank_config=config)
+    return trainer, config
+
+
+def test_rank_trainer_reallocates_once_and_trains_the_new_shapes(tmp_path):
+    """Resized once, after the K-th optimizer step, within the budget; the Trainer's optimizer then holds
+    exactly the model's parameters: those the resize kept carry state from step 1, the new ones from K+1."""
+    trainer, _ = run_rank_trainer(tmp_path / "t", steps=5, warmup=2)
+    before = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    a = trainer.allocation
+    assert a.ranks and a.steps_done == 2
+    assert sum(r * sum(a.dims[n]) for n, r in a.ranks.items()) <= a.budget
+    assert a.last_resize.new, "the tiny model's allocation changes some ranks"
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in params.values()}
+    for n, p in params.items():
+        if "lora_" not in n:
+            continue
+        steps = int(optimizer.state[p]["step"])
+        assert steps == (5 if before.get(n) is p else 3), n  # kept: every step; new: the 3 after K = 2
+
+
+def test_rank_trainer_saves_and_resumes_past_the_resize(tmp_path):
+    from fwlora.allocation import RANK_STATE_FILE
+
+    straight, _ = run_rank_trainer(tmp_path / "a", steps=6, warmup=2, save_strategy="no")
+    straight.train()
+    first, _ = run_rank_trainer(tmp_path / "b", steps=6, warmup=2, save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    assert (checkpoint / RANK_STATE_FILE).is_file()
+    resumed, _ = run_rank_trainer(tmp_path / "b", steps=6, warmup=2, save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.allocation.ranks == straight.allocation.ranks
+    a = {n: p for n, p in straight.model.named_parameters() if "lora_" in n}
+    b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_GLUE
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_data import write_task
 
 from fwlora import files
 from fwlora import train as train_module
@@ -28,17 +26,15 @@ from fwlora.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fwlora"
 CHECKPOINT_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "progress.json"}
-METHOD_FILES = {"lora": set(), "fwlora": {"fwlora_state.safetensors"},
+METHOD_FILES = {"lora": set(), "fwlora": {"fwlora_state.safetensors"}, "fwrank": {"fwrank_state.safetensors"},
                 "adalora": {"adalora_rank_pattern.json"}}  # + adalora_allocator.safetensors while it allocates
 
 
 
 @pytest.fixture(scope="module")
-def cola(tmp_path_factory) -> Path:
-    """The shared GLUE copy when present (a small CoLA slice is used), else a synthetic CoLA-format set."""
-    if (SHARED_GLUE / "cola" / "train.tsv").is_file():
-        return SHARED_GLUE
-    return write_task(tmp_path_factory.mktemp("glue"), "cola", n=96)
+def cola(glue_dir) -> Path:
+    """The synthetic GLUE-format copy (conftest): a small CoLA-format slice is used."""
+    return glue_dir
 
 
 def args_for(data: Path, out: Path, method: str, batch_size: int = 8, fw_warmup: int = 10, *extra: str) -> list[str]:
@@ -60,7 +56,7 @@ def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
     assert without_timing([res["final"]]) == without_timing([ref["final"]])
     assert without_timing(res["epochs"]) == without_timing(ref["epochs"])
     assert res["matrices"] == ref["matrices"]  # norms, singular values, FW-LoRA F and I, AdaLoRA ranks
-    assert res["adalora"] == ref["adalora"]
+    assert res["method_info"] == ref["method_info"]
     assert res["timing"]["optimizer_steps"] == ref["timing"]["optimizer_steps"]
     names = sorted(p.name for p in (ref_dir / "adapter").iterdir() if p.suffix == ".safetensors")
     assert names == sorted(p.name for p in (run_dir / "adapter").iterdir() if p.suffix == ".safetensors")
@@ -155,6 +151,37 @@ def test_sigint_to_a_training_process_then_resume_equals_the_uninterrupted_run(t
 
 
 # ---- interruption at a chosen step (in this process, deterministic), every method -------------------
+
+
+def test_sigkill_after_the_resize_then_resume_equals_the_uninterrupted_run(tmp_path, tmp_path_factory, cola):
+    """fwrank, 32 steps, K = 6, a checkpoint every 2 steps: SIGKILL (no handler runs) after the resize loses
+    only the steps since the last checkpoint; --resume re-applies the allocation before the weights load
+    and ends where the uninterrupted run ends."""
+    extra = ("--fwrank-warmup-steps", "6", "--fwrank-warmup-rank", "3", "--fwrank-measure-every", "1",
+             "--checkpoint-every", "2")
+    ref = tmp_path_factory.mktemp("ref-fwrank") / "run"
+    assert main(args_for(cola, ref, "fwrank", 4, 10, *extra)) == 0
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "stderr.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fwlora", *args_for(cola, out, "fwrank", 4, 10, *extra)],
+                                stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + 180
+        step = 0
+        while step < 8:  # a periodic checkpoint past K = 6 (the model is resized), well before step 32
+            try:
+                step = json.loads((out / "checkpoint" / "progress.json").read_text())["global_step"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            assert proc.poll() is None, f"the run ended before it was killed:\n{(tmp_path / 'stderr.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint past step 8 after 180 s"
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (out / "result.json").exists()
+    assert step < 32
+    assert main(args_for(cola, out, "fwrank", 4, 10, *extra, "--resume")) == 0
+    assert_same_run(ref, out)
 
 
 def stop_at(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
@@ -255,6 +282,30 @@ def test_nan_in_epoch_2_keeps_the_epoch_1_checkpoint(tmp_path, monkeypatch, caps
     optimizer = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
     for state in optimizer["state"].values():
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("method", ["fwlora", "fwrank"])
+def test_a_nan_just_before_the_end_of_the_warmup_is_divergence_not_a_user_error(tmp_path, monkeypatch, capsys, cola,
+                                                                                 method):
+    """A NaN loss at step 9 of a 10-step warm-up (8 steps per epoch: past the loop's epoch-end check) reaches
+    the method's statistic, which raises at step 10 before the loop's own check of that step: still exit 1,
+    result.json 'failed' with the step, never the exit 2 of a user mistake."""
+    original = torch.nn.functional.cross_entropy
+    calls = []
+
+    def nan_loss(*a, **k):
+        calls.append(1)
+        loss = original(*a, **k)
+        return loss * math.nan if len(calls) == 9 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss)
+    out = tmp_path / "run"
+    extra = ("--fw-measure-every", "1", "--fwrank-warmup-steps", "10", "--fwrank-measure-every", "1")
+    assert main(args_for(cola, out, method, 8, 10, *extra)) == 1
+    err = capsys.readouterr().err
+    assert "fwlora: training diverged:" in err and "non-finite" in err and "Traceback" not in err
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "failed" and result["step"] == 9 and "non-finite" in result["error"]
 
 
 # ---- a bench with a failing run ----------------------------------------------------------------------

@@ -7,14 +7,16 @@ import csv
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fwlora import analysis, cli, report
-from fwlora.config import TrainConfig
 from fwlora.errors import UserError
 from fwlora.files import write_json
+from fwlora.records import RunRecord, Status, write_config, write_result
 
 LAYERS = 2
 KINDS = analysis.KIND_ORDER
@@ -50,9 +52,25 @@ def matrices(method: str, seed: int, shrink_low: bool = True) -> list[dict]:
     return rows
 
 
+# Release 1's TrainConfig.to_dict() with its defaults: every run's config held every method's settings
+# (the reader must not need today's TrainConfig to read yesterday's runs).
+RELEASE1_CONFIG = {
+    "task": "cola", "method": "lora", "model": "minilm", "head": "auto", "budget": None, "rank": None,
+    "target_modules": None, "data_dir": None, "train_limit": None, "eval_limit": None, "max_length": 128, "epochs": 3,
+    "lr": 2e-4, "batch_size": 32, "grad_accum": 1, "weight_decay": 0.0, "warmup_ratio": 0.06, "max_grad_norm": 1.0,
+    "seed": 0, "lora_alpha": None, "lora_dropout": 0.0, "lambda_fw": 1e-4, "fw_warmup_steps": 500, "fw_beta": 0.98,
+    "fw_estimator": "exact", "fw_sketch_size": 8, "fw_measure_every": 1, "fw_normalization": "sum",
+    "allow_late_penalty": False, "adalora_alpha": None, "adalora_orth_reg": 0.1, "adalora_tinit": 0.12,
+    "adalora_tfinal": 0.48, "adalora_delta": 0.0015, "adalora_beta1": 0.85, "adalora_beta2": 0.85,
+    "mixed_precision": "no", "eval_batch_size": 128, "threads": None, "output_dir": "runs/train", "log_every": 10,
+}
+
+
 def config(task: str, method: str, seed: int, rank: int, out: Path, **overrides) -> dict:
-    values = {"task": task, "method": method, "seed": seed, "rank": rank, "output_dir": str(out), **overrides}
-    return TrainConfig.from_dict(values).to_dict()
+    unknown = set(overrides) - set(RELEASE1_CONFIG)
+    assert not unknown, unknown
+    return {**RELEASE1_CONFIG, "task": task, "method": method, "seed": seed, "rank": rank, "output_dir": str(out),
+            **overrides}
 
 
 def result(task: str, method: str, seed: int, rank: int, out: Path, final: float, train: float = 100.0,
@@ -100,7 +118,7 @@ def write_run(bench: Path, task: str, label: str, method: str, seed: int, **kw) 
     run = bench / task / label / method / f"seed{seed}"
     rank = int(label[1:])
     write_json(run / "config.json", {"config": config(task, method, seed, rank, run,
-                                                      **{k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__}),
+                                                      **{k: v for k, v in kw.items() if k in RELEASE1_CONFIG}),
                                      "env": {}})
     write_json(run / "result.json", result(task, method, seed, rank, run, **kw))
     return run
@@ -426,7 +444,7 @@ def test_loose_runs_with_repeats_are_split_by_setting(tmp_path: Path):
 
 
 def test_reduced_protocol_lists_differences():
-    ref = TrainConfig(model="roberta-base").to_dict()
+    ref = {**RELEASE1_CONFIG, "model": "roberta-base"}
     assert report.reduced_protocol([ref]) == []
     small = {**ref, "epochs": 1, "train_limit": 500, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.1, "model": "minilm"}
     notes = report.reduced_protocol([small, ref])
@@ -456,3 +474,291 @@ def test_cli_help(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "RUN_DIR" in text and "--output" in text and "examples" in text
+
+
+# ---- release 2: schema-2 records, any set of methods ---------------------------------------------
+
+
+# a schema-2 config holds the shared settings and the run's own method's settings only
+SHARED2 = {k: v for k, v in RELEASE1_CONFIG.items()
+           if not k.startswith(("fw_", "adalora_")) and k not in ("lambda_fw", "allow_late_penalty")}
+OWN2 = {"fwlora": {"lambda_fw": 1e-4, "fw_warmup_steps": 500, "fw_beta": 0.98, "fw_estimator": "exact",
+                   "fw_sketch_size": 8, "fw_measure_every": None, "fw_normalization": "sum", "fw_gamma": 1.0,
+                   "allow_late_penalty": False}}
+LLAMA_KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def write_run2(root: Path, task: str, budget: str, method: str, seed: int, values: list[float], *, label: str | None = None,
+               metric: str = "accuracy", higher: bool = True, train: float = 100.0, step: float = 0.1,
+               majority: dict | None = None, params: tuple | None = None, timing: dict | None = None,
+               matrices: list | None = None, method_info: dict | None = None, **own) -> Path:
+    """A schema-2 run directory written by fwlora.records, with metric `values` per epoch."""
+    run = root / task / budget / (label or method) / f"seed{seed}"
+    rank = int(budget[1:])
+    cfg = {**SHARED2, **OWN2.get(method, {}), **own, "task": task, "method": method, "seed": seed, "rank": rank,
+           "label": label, "output_dir": str(run)}
+    epochs = [{"epoch": e, "step": 10 * e, "loss": 0.5, metric: v, "train_seconds": train * e / len(values)}
+              for e, v in enumerate(values, start=1)]
+    budget_info = {"rank": rank, "adapter_params": 100 * rank, "backbone_params": 100_000, "head_params": 770,
+                   "percent": 0.1 * rank, "adapter_trainable_params": 100 * rank, "lora_alpha": 2.0 * rank}
+    if params:
+        budget_info.update(zip(("trained_adapter_params_initial", "trained_adapter_params_final",
+                                "trained_adapter_params_mean"), params))
+    record = RunRecord(status=Status.COMPLETE, task=task, method=method, seed=seed, config=cfg, metric=metric,
+                       higher_is_better=higher, final=epochs[-1],
+                       best=(max if higher else min)(epochs, key=lambda e: e[metric]), epochs=epochs,
+                       budget=budget_info, method_info=method_info or {},
+                       timing={"train_seconds": train, "step_seconds_median": step, **(timing or {})},
+                       matrices=matrices or [], data={"source": "synthetic", "train_examples": 100, "eval_examples": 50,
+                                                      "majority": majority},
+                       env={"command": "fwlora train ..."})
+    write_config(run, cfg, {})
+    write_result(run, record)
+    return run
+
+
+def llama_matrices(column: str, value) -> list[dict]:
+    """Per-matrix rows with LLaMA-style names: layers 0-1, seven kinds; `value(layer, j)` fills `column`."""
+    rows = []
+    for layer in range(2):
+        for j, kind in enumerate(LLAMA_KINDS):
+            rows.append({"name": f"model.layers.{layer}.{kind}", "layer": layer, "kind": kind, "fro_norm": 1.0 + j,
+                         "effective_rank": 1.0, column: value(layer, j)})
+    return rows
+
+
+def verdict_starting(lines: list[str], start: str) -> str:
+    (line,) = [v for v in lines if v.startswith(start)]
+    return line
+
+
+def test_no_hard_coded_list_of_three_methods():
+    for name in ("METHODS", "LABEL", "PAIRS"):
+        assert not hasattr(report, name), name
+
+
+def test_four_methods_each_compared_with_lora_and_adalora(tmp_path: Path):
+    root = tmp_path / "four"
+    finals = {"lora": [0.50, 0.52, 0.54], "adalora": [0.51, 0.52, 0.53], "fwlora": [0.55, 0.58, 0.59],
+              "mine": [0.49, 0.50, 0.55]}
+    train = {"lora": 100.0, "adalora": 112.0, "fwlora": 101.0, "mine": 130.0}
+    write_bench(root, tasks=("sst2",), labels=("r2",), methods=("mine", "fwlora", "adalora", "lora"), seeds=3)
+    for method, values in finals.items():
+        for seed, v in enumerate(values):
+            write_run2(root, "sst2", "r2", method, seed, [v - 0.1, v], train=train[method], step=train[method] / 1000)
+    summary = report.write_report([root], tmp_path / "out")
+    (proto,) = summary["protocols"]
+    assert proto["methods"] == ["lora", "adalora", "fwlora", "mine"]  # registry order, the unknown method last
+    (c,) = proto["cells"]
+    lines = c["verdicts"]
+
+    # mine - LoRA: -0.01, -0.02, +0.01, by hand
+    d = [-0.01, -0.02, 0.01]
+    half = T_975_DF2 * statistics.stdev(d) / math.sqrt(3)
+    ci = c["pairs"]["mine-lora"]
+    assert ci["mean"] == pytest.approx(-0.02 / 3) and ci["low"] == pytest.approx(-0.02 / 3 - half)
+    assert "no difference detectable at 95 % with 3 seeds" in verdict_starting(lines, "mine − LoRA: ")
+    # FW-LoRA - LoRA: 0.05, 0.06, 0.05 -> lower bound 0.0533 - 0.0143 > 0
+    assert "FW-LoRA better than LoRA at 95 % (3 seeds)" in verdict_starting(lines, "FW-LoRA − LoRA: ")
+    assert "no difference detectable" in verdict_starting(lines, "AdaLoRA − LoRA: ")
+    # against AdaLoRA: FW-LoRA 0.04, 0.06, 0.06 (better); mine -0.02, -0.02, +0.02 (no difference)
+    assert "FW-LoRA better than AdaLoRA at 95 % (3 seeds)" in verdict_starting(lines, "FW-LoRA − AdaLoRA: ")
+    assert c["pairs"]["mine-adalora"]["diffs"] == pytest.approx([-0.02, -0.02, 0.02])
+    assert "no difference detectable at 95 % with 3 seeds" in verdict_starting(lines, "mine − AdaLoRA: ")
+    # a verdict line with the time hypothesis for every method but the reference; AdaLoRA keeps ~1.12x
+    fw = verdict_starting(lines, "**Verdict**: FW-LoRA vs AdaLoRA: ")
+    assert "FW-LoRA time 1.010x LoRA" in fw and fw.endswith(": met")
+    mine = verdict_starting(lines, "**Verdict**: mine vs AdaLoRA: ")
+    assert "mine time 1.300x LoRA" in mine and mine.endswith(": not met")
+    assert verdict_starting(lines, "AdaLoRA time 1.120x LoRA").endswith("hypothesis: ~1.12x): close to it")
+    assert not [v for v in lines if v.startswith(("LoRA − ", "**Verdict**: LoRA", "**Verdict**: AdaLoRA"))]
+
+    pooled = proto["pooled"]["sst2"]["verdicts"]
+    assert any(v.startswith("mine − AdaLoRA: ") for v in pooled)
+    assert any(v.startswith("mine time 1.300x LoRA over 3 pairs") and v.endswith("not met") for v in pooled)
+    header = summary["main_table"].splitlines()[2]
+    assert header == ("| task (metric) | budget (rank, LoRA %) | LoRA | AdaLoRA | FW-LoRA | mine | FW-LoRA time / LoRA | "
+                      "mine time / LoRA | AdaLoRA time / LoRA | FW-LoRA − AdaLoRA [95 % CI] | mine − AdaLoRA [95 % CI] |")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# LoRA vs AdaLoRA vs FW-LoRA vs mine: report")
+    assert "**Verdict**: mine vs AdaLoRA" in md
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    mine_row = next(r for r in rows if r["method"] == "mine")
+    assert float(mine_row["time_ratio_median"]) == pytest.approx(1.3)
+    assert float(mine_row["diff_vs_lora_mean"]) == pytest.approx(-0.02 / 3)
+
+
+def test_majority_class_is_flagged(tmp_path: Path):
+    root = tmp_path / "majority"
+    majority = {"accuracy": 0.509}
+    # LoRA scores exactly the majority rate; AdaLoRA's mean 0.520 lies 0.011 above it (not flagged)
+    for method, values in (("lora", [0.509, 0.509]), ("adalora", [0.515, 0.525]), ("fwlora", [0.60, 0.62])):
+        for seed, v in enumerate(values):
+            write_run2(root, "sst2", "r2", method, seed, [v], majority=majority)
+    summary = report.write_report([root], tmp_path / "out")
+    (c,) = summary["protocols"][0]["cells"]
+    assert c["majority"] == pytest.approx(0.509)
+    assert {m: s["at_majority"] for m, s in c["methods"].items()} == {"lora": True, "adalora": False, "fwlora": False}
+    row = summary["main_table"].splitlines()[-1]
+    assert "| 0.509 ± 0.000 (at majority class) |" in row and "| 0.520 ± 0.007 |" in row
+    note = "(LoRA at the majority class: did not learn)"
+    assert note in verdict_starting(c["verdicts"], "AdaLoRA − LoRA: ")
+    assert note in verdict_starting(c["verdicts"], "FW-LoRA − LoRA: ")
+    assert "majority" not in verdict_starting(c["verdicts"], "FW-LoRA − AdaLoRA: ")
+    with_lora = [v for v in summary["protocols"][0]["pooled"]["sst2"]["verdicts"] if " − LoRA: " in v]
+    assert len(with_lora) == 2 and all(note in v for v in with_lora)
+    assert "at majority class" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_majority_class_of_release1_records(tmp_path: Path):
+    # release 1 recorded no majority rate: MCC's is 0 for any constant predictor; accuracy's is unknown
+    root = tmp_path / "r1"
+    write_run(root, "cola", "r2", "lora", 0, final=0.005)
+    write_run(root, "cola", "r2", "fwlora", 0, final=0.30)
+    write_run(root, "sst2", "r2", "lora", 0, final=0.50)
+    (p,) = report.discover([root])
+    cola, sst2 = report.summarise_protocol(p)["cells"]
+    assert cola["majority"] == 0.0 and cola["methods"]["lora"]["at_majority"]
+    assert not cola["methods"]["fwlora"]["at_majority"]
+    assert sst2["majority"] is None and not sst2["methods"]["lora"]["at_majority"]
+
+
+def test_variants_are_columns_of_their_own(tmp_path: Path):
+    root = tmp_path / "variants"
+    for seed in range(2):
+        write_run2(root, "sst2", "r2", "lora", seed, [0.50 + 0.01 * seed])
+        write_run2(root, "sst2", "r2", "fwlora", seed, [0.52 + 0.01 * seed])
+        write_run2(root, "sst2", "r2", "fwlora", seed, [0.55 + 0.02 * seed], label="fwlora_exact", fw_measure_every=1)
+    (p,) = report.discover([root])  # one protocol: the variant's runs are not repeats of FW-LoRA's
+    assert sorted({r.label for r in p.runs}) == ["fwlora", "fwlora_exact", "lora"]
+    s = report.summarise_protocol(p)
+    assert s["methods"] == ["lora", "fwlora", "fwlora_exact"]
+    assert s["names"] == {"lora": "LoRA", "fwlora": "FW-LoRA", "fwlora_exact": "fwlora_exact"}
+    assert s["method_of"]["fwlora_exact"] == "fwlora"
+    (c,) = s["cells"]
+    assert c["methods"]["fwlora_exact"]["final"]["mean"] == pytest.approx(0.56)
+    assert c["pairs"]["fwlora_exact-lora"]["diffs"] == pytest.approx([0.05, 0.06])
+    assert any(v.startswith("fwlora_exact − LoRA: ") for v in c["verdicts"])
+    assert any(v.startswith("**Verdict**: fwlora_exact vs AdaLoRA: no AdaLoRA runs") for v in c["verdicts"])
+    # FW-LoRA's setting concerns both of its columns, not LoRA's
+    assert s["settings"]["per_method"]["fw_measure_every"] == {"fwlora": None, "fwlora_exact": 1}
+    assert "| LoRA | FW-LoRA | fwlora_exact |" in report.main_table(s)
+    assert "fwlora_exact − LoRA [95 % CI]" in report.main_table(s)  # no AdaLoRA: differences with the reference
+
+
+def test_schema2_timing_keys_and_release1_ones(bench: Path, tmp_path: Path):
+    root = tmp_path / "timing"
+    for seed in range(2):
+        write_run2(root, "sst2", "r2", "lora", seed, [0.5], step=0.1)
+        write_run2(root, "sst2", "r2", "fwlora", seed, [0.5], step=0.1, timing={
+            "warmup_step_seconds_median": 0.12 + 0.02 * seed, "after_warmup_step_seconds_median": 0.1,
+            "warmup_seconds": 5.0})
+        write_run2(root, "sst2", "r2", "mine", seed, [0.5], step=0.1, timing={
+            "warmup_step_seconds_median": 0.2, "after_warmup_step_seconds_median": 0.09})
+    (p,) = report.discover([root])
+    (c,) = report.summarise_protocol(p)["cells"]
+    fw = c["methods"]["fwlora"]
+    assert fw["warmup_step_seconds_median"]["mean"] == pytest.approx(0.13)
+    assert fw["warmup_seconds"]["mean"] == pytest.approx(5.0)
+    assert ("FW-LoRA median step: 0.1300 s during the Fisher warm-up, 0.1000 s after it (LoRA: 0.1000 s)"
+            in c["verdicts"])
+    assert "mine median step: 0.2000 s during its warm-up, 0.0900 s after it (LoRA: 0.1000 s)" in c["verdicts"]
+    # release 1's fw_* names: FW-LoRA's warm-up step at r1 is 1.3 x its median step (0.101, 0.203, 0.13)
+    (p1,) = report.discover([bench])
+    r1 = cell(report.summarise_protocol(p1), "r1")["methods"]["fwlora"]
+    assert r1["warmup_step_seconds_median"]["mean"] == pytest.approx(1.3 * statistics.mean([0.101, 0.203, 0.13]))
+    assert r1["after_warmup_step_seconds_median"]["mean"] == pytest.approx(statistics.mean([0.101, 0.203, 0.13]))
+    assert r1["warmup_seconds"]["mean"] == pytest.approx(5.0)
+
+
+def test_parameters_trained_over_the_run(bench: Path, tmp_path: Path):
+    root = tmp_path / "params"
+    write_run2(root, "sst2", "r2", "lora", 0, [0.5], params=(200, 200, 200.0))
+    write_run2(root, "sst2", "r2", "fwrank", 0, [0.5], params=(1000, 800, 912.4))
+    (p,) = report.discover([root])
+    (c,) = report.summarise_protocol(p)["cells"]
+    fr = c["methods"]["fwrank"]
+    assert fr["params"] == {"initial": 1000, "final": 800, "mean": 912.4}
+    assert fr["actual_percent"] == pytest.approx(100 * 912.4 / 100_000)  # the mean over steps is the budget spent
+    table = report.detail_table(c, report.summarise_protocol(p))
+    assert "| fwrank | 1/1 seed | " in table and "| 1,000 → 800 (mean 912) |" in table
+    assert "| LoRA | 1/1 seed | " in table and "| 200 |" in table
+    # release 1: the one trainable count (AdaLoRA at r1: 16 x 2 x 6 + 50)
+    (p1,) = report.discover([bench])
+    assert "| 242 |" in report.detail_table(cell(report.summarise_protocol(p1), "r1"))
+
+
+def test_layer_kind_grid_for_any_architecture():
+    grid = report.layer_kind_grid
+    # MPNet and LLaMA kinds in their architecture's order whatever order they come in; unknown ones as first seen
+    assert report.order_kinds(["intermediate.dense", "attention.attn.v", "custom.z", "attention.attn.q", "custom.a"]) == \
+        ["attention.attn.q", "attention.attn.v", "intermediate.dense", "custom.z", "custom.a"]
+    assert report.order_kinds(["mlp.down_proj", "self_attn.q_proj", "mlp.gate_proj", "self_attn.k_proj"]) == \
+        ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert report.order_kinds(["b.z", "a.y"]) == ["b.z", "a.y"]
+    layers, kinds, g = grid({(1, "mlp.up_proj"): 2.0, (None, "lm_head"): 3.0, (0, "self_attn.q_proj"): 1.0})
+    assert layers == [0, 1, None] and kinds == ["self_attn.q_proj", "mlp.up_proj", "lm_head"]
+    assert g[0, 0] == 1.0 and g[1, 1] == 2.0 and g[2, 2] == 3.0 and math.isnan(g[0, 1])
+
+
+def test_rank_allocation_figure(tmp_path: Path):
+    root = tmp_path / "ranks"
+    write_bench(root, tasks=("sst2",), labels=("r2",), methods=("lora", "adalora", "fwrank"), seeds=2)
+    for seed in range(2):
+        write_run2(root, "sst2", "r2", "lora", seed, [0.5], matrices=llama_matrices("effective_rank", lambda l, j: 1.0))
+        write_run2(root, "sst2", "r2", "adalora", seed, [0.5],
+                   matrices=llama_matrices("adalora_rank", lambda layer, j: 2 * (j % 2)))
+        fr = llama_matrices("fwrank_rank", lambda layer, j: 1 + j % 3)
+        for row in fr:
+            row.update(fisher=1.0 + row["layer"], importance=(1.0 + row["layer"]) / 21.0)
+        write_run2(root, "sst2", "r2", "fwrank", seed, [0.5], matrices=fr)
+    out = tmp_path / "out"
+    summary = report.write_report([root], out)
+    (proto,) = summary["protocols"]
+    (name,) = proto["plots"]["ranks"]
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    md = (out / "report.md").read_text()
+    assert f"![{name}]({name})" in md and "Rank allocation" in md
+    ranks = proto["cells"][0]["matrices"]["ranks"]
+    assert ranks["fwrank"]["total_mean"] == pytest.approx(2 * (1 + 2 + 3 + 1 + 2 + 3 + 1))
+    assert ranks["adalora"]["zero_fraction"] == pytest.approx(4 / 7)  # kinds 0, 2, 4, 6 pruned to 0
+    assert "fwrank's final rank pattern" in md and "AdaLoRA's final rank pattern" in md
+    # no fwrank, no figure (the release-1 bench of test_report_files_plots_and_links has none either)
+    assert "ranks" not in report.write_report([root / "sst2" / "r2" / "lora"], tmp_path / "o2")["protocols"][0]["plots"]
+
+
+def test_lower_is_better_wording(tmp_path: Path):
+    root = tmp_path / "loss"
+    for method, finals in (("lora", [2.0, 2.1, 2.2]), ("fwlora", [1.8, 1.85, 2.0])):
+        for seed, v in enumerate(finals):  # epochs: v + 0.5, v - 0.1 (the best: the lowest), v
+            write_run2(root, "alpaca", "r2", method, seed, [v + 0.5, v - 0.1, v], metric="eval_loss", higher=False)
+    summary = report.write_report([root], tmp_path / "out")
+    (proto,) = summary["protocols"]
+    (c,) = proto["cells"]
+    lora = c["methods"]["lora"]
+    assert lora["best"]["mean"] == pytest.approx(2.0) and lora["best_epoch"]["mean"] == pytest.approx(2.0)
+    # FW-LoRA - LoRA: -0.2, -0.25, -0.2: a lower loss, so FW-LoRA is the better one
+    ci = c["pairs"]["fwlora-lora"]
+    assert ci["high"] < 0
+    assert "FW-LoRA better than LoRA at 95 % (3 seeds)" in verdict_starting(c["verdicts"], "FW-LoRA − LoRA: ")
+    assert "FW-LoRA better than LoRA at 95 % (3 pairs)" in proto["pooled"]["alpaca"]["verdicts"][0]
+    assert "| alpaca (eval_loss, lower is better) | r2" in summary["main_table"]
+    assert c["majority"] is None and not lora["at_majority"]
+    assert report.difference_verdict(ci, "A", "B", higher_is_better=False) == "A better than B at 95 % (3 seeds)"
+    assert report.difference_verdict(ci, "A", "B") == "A worse than B at 95 % (3 seeds)"
+
+
+def test_cli_reference(bench: Path, tmp_path: Path, capsys):
+    assert cli.main(["report", str(bench), "--output", str(tmp_path / "o"), "--reference", "adalora"]) == 0
+    printed = capsys.readouterr().out
+    assert "FW-LoRA time / AdaLoRA" in printed and "LoRA time / AdaLoRA" in printed
+    assert cli.main(["report", str(bench), "--output", str(tmp_path / "o"), "--reference", "nope"]) == 2
+    assert "reference 'nope' is no column" in capsys.readouterr().err
+
+
+def test_report_package_needs_neither_cli_nor_training():
+    code = ("import sys, fwlora.report; bad = [m for m in sys.modules if m.startswith(('fwlora.cli', 'fwlora.train')) "
+            "or m == 'matplotlib']; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,11 +20,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from fwlora import bench, sweep
+from fwlora import bench, methods, records, sweep
 from fwlora.cli import build_parser, collect_train_settings, main
+from fwlora.cli import sweep as sweep_cli
 from fwlora.config import TrainConfig, load_config_file
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.files import read_json
+from fwlora.methods import Method
+from fwlora.records import RunRecord, Status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +65,17 @@ def make_config(tmp_path: Path, glue_dir: Path, methods=("lora",), trials: int =
                              output_dir=str(tmp_path / "out"), **kw)
 
 
-def fake_train(cfg: TrainConfig, overwrite: bool = False, on_epoch_end=None) -> dict:
+# release 1's DEFAULT_SPACE (METHOD.md's ranges): the registry-built default must reproduce it
+RELEASE1_DEFAULT_SPACE = {
+    "lr": {"type": "float", "low": 1e-4, "high": 3e-4, "log": True},
+    "lambda_fw": {"type": "float", "low": 5e-5, "high": 5e-4, "log": True, "methods": ["fwlora"]},
+    "rank": {"type": "categorical", "choices": [4, 8, 16]},
+    "fw_warmup_steps": {"type": "categorical", "choices": [300, 500, 800], "methods": ["fwlora"]},
+    "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+}
+
+
+def fake_train(cfg: TrainConfig, overwrite: bool = False, on_epoch_end=None) -> RunRecord:
     """Instant and deterministic: the metric peaks at lr = 3e-4 and grows with rank and epoch."""
     history = []
     for epoch in range(1, cfg.epochs + 1):
@@ -71,8 +84,9 @@ def fake_train(cfg: TrainConfig, overwrite: bool = False, on_epoch_end=None) -> 
         history.append(entry)
         if on_epoch_end:
             on_epoch_end(entry)
-    return {"metric": "mcc", "final": history[-1], "best": max(history, key=lambda h: h["mcc"]),
-            "timing": {"train_seconds": 0.0}}
+    return RunRecord(status=Status.COMPLETE, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
+                     metric="mcc", final=history[-1], best=max(history, key=lambda h: h["mcc"]), epochs=history,
+                     timing={"train_seconds": 0.0})
 
 
 def load(cfg: sweep.SweepConfig, method: str = "lora") -> optuna.Study:
@@ -96,9 +110,82 @@ def test_default_space_is_method_md_ranges():
     assert space["batch_size"].choices == (16, 32, 64)
     cfg = sweep.SweepConfig(methods=["lora", "fwlora"], settings={})
     assert set(cfg.space_for("lora")) == {"lr", "rank", "batch_size"}
-    assert set(cfg.space_for("fwlora")) == set(space)
+    assert set(cfg.space_for("fwlora")) == {"lr", "rank", "batch_size", "lambda_fw", "fw_warmup_steps"}
     # the example file is the default, spelled out
     assert sweep.load_space(REPO / "examples" / "sweep_space.yaml") == space
+
+
+def test_default_space_comes_from_the_registry_and_equals_release_1():
+    """Shared entries plus each method's own search_space, restricted to it: for lora, adalora and fwlora
+    exactly release 1's hard-coded DEFAULT_SPACE."""
+    assert methods.get("fwlora").search_space == {
+        "lambda_fw": {"type": "float", "low": 5e-5, "high": 5e-4, "log": True},
+        "fw_warmup_steps": {"type": "categorical", "choices": [300, 500, 800]}}
+    release1 = sweep.parse_space(RELEASE1_DEFAULT_SPACE, "release 1")
+    space = sweep.default_space()
+    for method in ("lora", "adalora", "fwlora"):
+        mine = {n: p for n, p in space.items() if p.applies_to(method)}
+        assert mine == {n: p for n, p in release1.items() if p.applies_to(method)}, method
+    # every entry a method brings is searched in its own study only
+    for name, p in space.items():
+        if name not in sweep.SHARED_SPACE:
+            assert p.methods is not None and len(p.methods) == 1 and name in methods.get(p.methods[0]).search_space
+    # a study of these methods is identified as in release 1 (continuing an old study is accepted)
+    cfg = sweep.SweepConfig(methods=["lora", "adalora", "fwlora"], settings={})
+    old = sweep.SweepConfig(methods=["lora", "adalora", "fwlora"], settings={}, space=release1)
+    assert all(cfg.identity(m) == old.identity(m) for m in cfg.methods) and cfg.space == release1
+
+
+class Picky(Method):
+    """A plug-in method whose own check refuses runs under 100 optimizer steps; brings its own space entry."""
+
+    name, label = "picky", "Picky"
+    search_space = {"lora_dropout": {"type": "categorical", "choices": [0.0, 0.1]}}
+
+    def check(self) -> list[str]:
+        if self.run.total_steps < 100:
+            raise UserError(f"picky needs 100 optimizer steps, this run has {self.run.total_steps}")
+        return []
+
+
+@pytest.fixture
+def picky():
+    methods.register(Picky)
+    try:
+        yield Picky
+    finally:
+        methods.REGISTRY.pop("picky", None)
+
+
+def test_a_plugin_method_brings_its_space_and_its_own_infeasibility_check(tmp_path, glue_dir, picky):
+    space = sweep.default_space()
+    assert space["lora_dropout"] == sweep.Param("lora_dropout", "categorical", choices=(0.0, 0.1), methods=("picky",))
+    assert "lora_dropout" not in sweep.SweepConfig(methods=["lora"], settings={}).space
+    parser = build_parser()
+    cfg = sweep_cli.config_from_args(parser.parse_args(["sweep", "--methods", "lora,picky"]))
+    assert cfg.methods == ["lora", "picky"] and set(cfg.space_for("picky")) == {"lr", "rank", "batch_size", "lora_dropout"}
+    assert "picky" in parser._subparsers._group_actions[0].choices["sweep"].format_help()
+    trained = []
+
+    def train_fn(cfg, overwrite=False, on_epoch_end=None):
+        trained.append(cfg.method)
+        return fake_train(cfg, overwrite, on_epoch_end)
+
+    cfg = make_config(tmp_path, glue_dir, methods=["picky", "lora"], trials=2)
+    sweep.run_sweep(cfg, train_fn=train_fn)
+    picky_trials = load(cfg, "picky").trials
+    assert trained == ["lora", "lora"]  # the method's check, not its name, decided: never trained
+    assert [t.state for t in picky_trials] == [TrialState.PRUNED] * 2
+    assert all("picky needs 100 optimizer steps, this run has 4" in t.user_attrs["infeasible"] for t in picky_trials)
+    assert [t.state for t in load(cfg, "lora").trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_method_setting_is_searched_in_its_method_only(tmp_path):
+    space = sweep.load_space(write_space(tmp_path, {"fw_beta": {"type": "float", "low": 0.9, "high": 0.99}}))
+    assert space["fw_beta"].methods == ("fwlora",)  # no methods: key: its owner's study only
+    with pytest.raises(UserError, match="a setting of method fwlora only"):
+        sweep.load_space(write_space(tmp_path, {"fw_beta": {"type": "float", "low": 0.9, "high": 0.99,
+                                                            "methods": ["lora", "fwlora"]}}))
 
 
 def test_space_file_replaces_entries_and_drops_nulls(tmp_path):
@@ -150,10 +237,11 @@ def test_space_values_are_checked_against_train_config_before_any_trial(tmp_path
 
 def test_command_line_flags_fix_their_settings(tmp_path):
     def parse(*argv):
-        return sweep.config_from_args(build_parser().parse_args(["sweep", *argv]))
+        return sweep_cli.config_from_args(build_parser().parse_args(["sweep", *argv]))
 
     cfg = parse("--rank", "2", "--lr", "1e-4", "--methods", "lora,fwlora", "--output-dir", str(tmp_path))
     assert cfg.methods == ["lora", "fwlora"] and set(cfg.space) == {"lambda_fw", "fw_warmup_steps", "batch_size"}
+    assert "fw_warmup_steps" not in parse("--fw-warmup-steps", "300", "--methods", "fwlora").space  # a method's flag too
     assert cfg.settings["rank"] == 2 and cfg.study_name("fwlora") == "cola-fwlora"
     assert "rank" not in parse("--budget", "0.2").space
     config = tmp_path / "base.yaml"
@@ -167,6 +255,27 @@ def test_command_line_flags_fix_their_settings(tmp_path):
         parse("--methods", "lora,dora")
     help_text = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "postgresql://" in help_text and "--seeds-per-trial" in help_text and "--lambda-fw" in help_text
+    assert "--heartbeat-seconds" in help_text and "fw_warmup_steps: {type: categorical, choices: [300, 500, 800]" in help_text
+    assert all(m in help_text for m in methods.names())  # --methods lists the registry
+
+
+def test_heartbeat_and_grace_come_from_flags_or_the_environment(tmp_path, monkeypatch):
+    def parse(*argv):
+        return sweep_cli.config_from_args(build_parser().parse_args(["sweep", "--output-dir", str(tmp_path), *argv]))
+
+    cfg = parse()
+    assert (cfg.heartbeat_seconds, cfg.grace_seconds) == (sweep.HEARTBEAT_SECONDS, sweep.GRACE_SECONDS) == (60, 300)
+    monkeypatch.setenv(sweep.HEARTBEAT_ENV, "2")
+    monkeypatch.setenv(sweep.GRACE_ENV, "6")
+    assert (parse().heartbeat_seconds, parse().grace_seconds) == (2, 6)
+    assert parse("--heartbeat-seconds", "3", "--grace-seconds", "9").grace_seconds == 9
+    with pytest.raises(UserError, match="must exceed --heartbeat-seconds"):
+        parse("--grace-seconds", "2")
+    monkeypatch.setenv(sweep.GRACE_ENV, "soon")
+    with pytest.raises(UserError, match="FWLORA_SWEEP_GRACE"):
+        parse()
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'hb.db'}", tmp_path, heartbeat_seconds=2, grace_seconds=6)
+    assert storage.storage.get_heartbeat_interval() == 2 and storage.storage.grace_period == 6
 
 
 # ---- bookkeeping, with a stand-in for train ---------------------------------------------------------
@@ -242,10 +351,11 @@ def test_infeasible_warmup_is_pruned_untrained_and_divergence_counts(tmp_path, g
             assert t.state == TrialState.COMPLETE
     assert {t.state for t in trials} == {TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE}
     # the sweep's count of optimizer steps agrees with train.setup's refusal
-    n_train = sweep._train_size("cola", str(glue_dir), 32)
+    n_train = sweep.train_size("cola", str(glue_dir), 32)
     late = TrainConfig.from_dict({**SLICE, "data_dir": str(glue_dir), "method": "fwlora", "rank": 1,
                                   "fw_warmup_steps": 4})
-    assert sweep.late_penalty_reason(late, n_train) and not sweep.late_penalty_reason(late.replace(fw_warmup_steps=3), n_train)
+    assert sweep.infeasible_reason(late, n_train) and not sweep.infeasible_reason(late.replace(fw_warmup_steps=3), n_train)
+    assert not sweep.infeasible_reason(late.replace(allow_late_penalty=True), n_train)  # the method's own rule
     from fwlora.train import setup
     with pytest.raises(UserError, match="fw-warmup-steps = 4 >= the run's 4 optimizer steps"):
         setup(late)
@@ -266,9 +376,10 @@ def test_surplus_and_dead_worker_trials_do_not_count(tmp_path, glue_dir):
     late = study.ask()
     assert not runner._surplus(study, alive) and runner._surplus(study, late)
     assert late.number == 2 and study.trials[2].state == TrialState.FAIL and study.trials[2].user_attrs["surplus"]
-    runner._run_study(study, "lora", sweep._train_size("cola", str(glue_dir), 32))
+    runner._run_study(study, "lora", sweep.train_size("cola", str(glue_dir), 32))
     states = [t.state for t in load(cfg).trials]
     assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.COMPLETE]
+    assert f"process {gone.pid}) is gone" in load(cfg).trials[0].user_attrs["fail_reason"]
     counts = sweep.study_counts(load(cfg))
     assert counts["counted"] == 2 and counts["failed"] == 1 and counts["running"] == 1  # surplus not shown as failed
 
@@ -280,8 +391,37 @@ def test_other_storages_sqlite_and_a_journal_path(tmp_path, glue_dir):
         assert [t.state for t in load(cfg).trials] == [TrialState.COMPLETE] * 2
     assert sweep.open_storage(f"sqlite:///{tmp_path / 'sweep.db'}", tmp_path).storage.get_heartbeat_interval() == 60
     assert (tmp_path / "shared" / "sweep.journal").is_file() and not (tmp_path / "out" / sweep.JOURNAL_FILE).exists()
-    with pytest.raises(UserError, match="--storage"):
+    with pytest.raises(UserError, match="--storage") as info:
         sweep.open_storage("postgresql://user:secret@localhost:1/db", tmp_path)
+    assert "secret" not in str(info.value) and "user:***@localhost" in str(info.value)
+    assert sweep.storage.redact("postgresql://user@host/db") == "postgresql://user@host/db"
+    # a bare postgresql:// (or postgres://) gets whichever driver is installed, not SQLAlchemy's choice
+    url = sweep.storage.with_postgres_driver("postgres://user@host/db")
+    assert url.split("://")[1] == "user@host/db" and url.split("://")[0] in ("postgresql", "postgresql+psycopg",
+                                                                            "postgresql+psycopg2")
+    assert sweep.storage.with_postgres_driver("mysql+pymysql://u@h/db") == "mysql+pymysql://u@h/db"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() outside Study.optimize
+def test_a_silent_trial_is_failed_by_heartbeat_and_replaced_by_a_waiting_worker(tmp_path, glue_dir):
+    """SQLite keeps heartbeats: a trial another machine took and then stopped beating for is failed with
+    its reason, and a worker that has taken its share waits for it and runs the replacement."""
+    cfg = make_config(tmp_path, glue_dir, trials=2, storage=f"sqlite:///{tmp_path / 'hb.db'}",
+                      heartbeat_seconds=1, grace_seconds=2)
+    runner = sweep.Sweep(cfg, train_fn=fake_train)
+    study = runner.open_study("lora")
+    lost = study.ask()  # taken by a machine that then died: one heartbeat, then silence
+    lost.set_user_attr("worker", {"host": "another-machine", "pid": 1})
+    runner.store.storage.record_heartbeat(lost._trial_id)
+    assert sweep.fail_stale_trials(study) == []  # still within its grace period
+    started = time.monotonic()
+    sweep.run_sweep(cfg, train_fn=fake_train)
+    trials = load(cfg).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "no heartbeat for over 2 s" in trials[0].user_attrs["fail_reason"]
+    assert time.monotonic() - started >= 2  # it waited out the grace period rather than leave a study short
+    counts = sweep.study_counts(load(cfg))
+    assert counts["complete"] == counts["counted"] == 2 and counts["failed"] == 1 and counts["running"] == 0
 
 
 def test_a_study_refuses_other_settings(tmp_path, glue_dir):
@@ -328,15 +468,19 @@ def test_real_sweep_prunes_and_exports_configs_train_and_bench_accept(tmp_path, 
     out = Path(cfg.output_dir)
     pruned = out / "cola-fwlora" / "trial1"
     assert read_json(pruned / "result.json")["status"] == "pruned" and not (pruned / "checkpoint").exists()
+    record = records.read_result(pruned)
+    assert record.status == Status.PRUNED and "after epoch 1" in record.reason and [e["epoch"] for e in record.epochs] == [1]
+    assert records.run_status(pruned) == Status.PRUNED and record.config["fw_warmup_steps"] == trials[1].params["fw_warmup_steps"]
     result = read_json(out / "cola-fwlora" / "trial0" / "result.json")
     assert result["status"] == "complete" and trials[0].value == result["final"]["mcc"]
+    assert records.read_result(out / "cola-fwlora" / "trial0").metric_value("final") == trials[0].value
 
     best = read_json(out / "best_params.json")["fwlora"]
     assert best["value"] == study.best_value and best["params"] == study.best_params
     assert best["trials"]["complete"] == 2 and best["trials"]["pruned"] == 1
     # the exported configuration: every TrainConfig key, accepted by TrainConfig and by `fwlora train --config`
     exported = load_config_file(out / "best_fwlora.yaml")
-    assert set(exported) == set(TrainConfig().to_dict())
+    assert set(exported) == set(TrainConfig.from_dict({"method": "fwlora"}).to_dict())
     restored = TrainConfig.from_dict(exported)
     assert restored.lr == study.best_params["lr"] and restored.rank == study.best_params["rank"]
     assert restored.fw_warmup_steps == study.best_params["fw_warmup_steps"] and restored.method == "fwlora"

@@ -45,13 +45,13 @@ def numerical_rank(sv: torch.Tensor, shape: tuple[int, int]) -> int:
 
 def matrix_table(
     deltas: dict[str, torch.Tensor],
-    fisher: dict[str, float] | None = None,
-    importance: dict[str, float] | None = None,
-    adalora_rank: dict[str, int] | None = None,
     keep_singular_values: int = 16,
+    **columns: dict[str, float] | None,
 ) -> list[dict]:
-    """One row per adapted matrix: ||dW||_F, effective and numerical rank, top singular values, and
-    (when given) FW-LoRA's F_m, I_m and AdaLoRA's final rank."""
+    """One row per adapted matrix: ||dW||_F, effective and numerical rank, top singular values, and the
+    method's own per-matrix columns (FW-LoRA's fisher and importance, AdaLoRA's adalora_rank, fwrank's
+    fwrank_rank, ...): {column: {matrix name: value}}. A matrix a column has no value for gets None; a
+    name in a column but not in deltas (fwrank dropped its adapter) gets a row of its own with rank 0."""
     rows = []
     for name, delta in deltas.items():
         sv = singular_values(delta)
@@ -63,9 +63,16 @@ def matrix_table(
             "numerical_rank": numerical_rank(sv, tuple(delta.shape)),
             "singular_values": sv[:keep_singular_values].tolist(),
         }
-        for key, values in (("fisher", fisher), ("importance", importance), ("adalora_rank", adalora_rank)):
+        for key, values in columns.items():
             if values is not None:
                 row[key] = values.get(name)
+        rows.append(row)
+    dropped = sorted({n for values in columns.values() if values for n in values} - set(deltas))
+    for name in dropped:  # no adapter left: dW = 0
+        layer, kind = split_matrix_name(name)
+        row = {"name": name, "layer": layer, "kind": kind, "shape": None, "fro_norm": 0.0, "effective_rank": 0.0,
+               "numerical_rank": 0, "singular_values": []}
+        row.update({key: values.get(name) for key, values in columns.items() if values is not None})
         rows.append(row)
     return rows
 
@@ -109,13 +116,29 @@ def log_norm_shift(norms_a: Sequence[float], norms_b: Sequence[float]) -> dict[s
             "spearman": float(rho), "n": int(ok.sum())}
 
 
-# ---- helpers for the report (pure; added for fwlora.report) ----------------------------------------
+# ---- the layer x matrix-type grid of the report's heatmaps (pure) --------------------------------------
 
-# The six matrix types in the order a reader expects them (attention, then feed-forward), short labels.
-KIND_ORDER = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-              "intermediate.dense", "output.dense")
+# Matrix types in the order a reader expects them (attention, then feed-forward), per architecture family.
+KNOWN_KIND_ORDERS: tuple[tuple[str, ...], ...] = (
+    ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+     "intermediate.dense", "output.dense"),  # BERT, RoBERTa, MiniLM
+    ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", "attention.output.dense",
+     "intermediate.dense", "output.dense"),  # DeBERTa-v2/v3
+    ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o", "intermediate.dense",
+     "output.dense"),  # MPNet
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+     "mlp.down_proj"),  # LLaMA, Qwen, Mistral, SmolLM
+    ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # GPT-2
+)
 KIND_LABELS = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-               "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}
+               "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out",
+               "attention.self.query_proj": "query", "attention.self.key_proj": "key",
+               "attention.self.value_proj": "value", "attention.attn.q": "q", "attention.attn.k": "k",
+               "attention.attn.v": "v", "attention.attn.o": "attn.out", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
+               "self_attn.v_proj": "v", "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
+               "mlp.down_proj": "down", "attn.c_attn": "c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "c_fc",
+               "mlp.c_proj": "mlp.c_proj"}
+KIND_ORDER = KNOWN_KIND_ORDERS[0]  # BERT's six matrix types (release 1's name)
 
 
 def importance_shrink_correlation(importance: Sequence[float], norms_base: Sequence[float],
@@ -139,12 +162,24 @@ def importance_shrink_correlation(importance: Sequence[float], norms_base: Seque
     return {"spearman": rho, "n": int(ok.sum())}
 
 
+def order_kinds(kinds: Sequence[str]) -> list[str]:
+    """Kinds in the order of the known architecture that covers most of them, the others after them as
+    first seen."""
+    seen = list(dict.fromkeys(kinds))
+    best = max(KNOWN_KIND_ORDERS, key=lambda order: sum(k in order for k in seen))
+    known = [k for k in best if k in seen]
+    return known + [k for k in seen if k not in known]
+
+
+def kind_label(kind: str) -> str:
+    return KIND_LABELS.get(kind, kind)
+
+
 def layer_kind_grid(values: dict[tuple[int | None, str], float]) -> tuple[list[int | None], list[str], np.ndarray]:
     """{(layer, kind): value} -> (layers, kinds, array[layer, kind]) with NaN where a matrix is absent;
-    kinds in KIND_ORDER first, others after, so that heatmaps of different runs line up."""
+    layers ascending (None last), kinds by order_kinds, so that heatmaps of different runs line up."""
     layers = sorted({k[0] for k in values}, key=lambda v: (v is None, v if v is not None else 0))
-    kinds = [k for k in KIND_ORDER if any(key[1] == k for key in values)]
-    kinds += sorted({key[1] for key in values} - set(kinds))
+    kinds = order_kinds([k[1] for k in values])
     grid = np.full((len(layers), len(kinds)), np.nan)
     for (layer, kind), v in values.items():
         if v is not None:

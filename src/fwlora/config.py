@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fwlora import methods
 from fwlora.errors import UserError
 
-METHODS = ("lora", "adalora", "fwlora")
 DEFAULT_BUDGET = 0.2  # % of the backbone, when neither --budget nor --rank is given
 
 
@@ -31,21 +32,27 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # what to train
-    task: str = _f("cola", "GLUE task: cola, sst2, mrpc, rte, qnli, qqp, mnli, wnli")
-    method: str = _f("lora", "lora, adalora or fwlora")
-    model: str = _f("minilm", "backbone: 'minilm' (bundled, offline) or a Hugging Face name/path, e.g. roberta-base")
+    task: str = _f("cola", "task: a GLUE task (cola, sst2, mrpc, rte, qnli, qqp, mnli, wnli) or an instruction task "
+                   "(gsm8k, alpaca, dolly)")
+    label: str | None = _f(None, "the name reports show this run under (a bench variant of a method); default: "
+                           "the method's name")
+    method: str = _f("lora", "training method (see `fwlora train --help` for the list; plug-ins via $FWLORA_METHODS)")
+    model: str = _f("minilm", "backbone: 'minilm' (bundled, offline), 'mpnet' or 'smollm2' (offline after "
+                    "`make backbones`), or a Hugging Face name/path, e.g. roberta-base, Qwen/Qwen3-0.6B")
     head: str = _f("auto", "classification head: 'model' (the architecture's own), 'mean' (mean pooling), "
-                   "'auto' (mean for minilm, model otherwise; see README)")
+                   "'auto' (mean for the sentence-embedding backbones minilm and mpnet, model otherwise; see README)")
     budget: float | None = _f(None, "adapter budget in %% of the backbone's parameters (0.2 = 0.2 %%), mapped to "
                               "the nearest rank; 0.2 when neither --budget nor --rank is given")
     rank: int | None = _f(None, "LoRA rank directly (instead of --budget); AdaLoRA: target_r = rank, init_r = ceil(1.5 rank)")
-    target_modules: list[str] | None = _f(None, "comma-separated module-name suffixes to adapt (default: the six "
-                                          "matrix types of METHOD.md for the architecture)")
+    target_modules: list[str] | None = _f(None, "comma-separated module-name suffixes to adapt (default: the "
+                                          "architecture's attention and feed-forward projections, see README)")
     # data
-    data_dir: str | None = _f(None, "GLUE directory <dir>/<task>/{train,validation}.tsv (default: $FWLORA_DATA_DIR, then the hub)")
+    data_dir: str | None = _f(None, "data directory <dir>/<task>/{train,validation}.tsv (GLUE) or "
+                              "{train,test}.jsonl (instruction tasks); default: $FWLORA_DATA_DIR, then the hub")
     train_limit: int | None = _f(None, "train on a seeded random subset of this many examples (reduced protocols)")
     eval_limit: int | None = _f(None, "evaluate on the first N validation examples (smoke runs only)")
     max_length: int = _f(128, "truncate inputs to this many tokens")
+    max_new_tokens: int = _f(256, "instruction tasks with a generated answer (gsm8k): token limit of greedy generation")
     # optimisation (METHOD.md's protocol)
     epochs: int = _f(3, "training epochs")
     lr: float = _f(2e-4, "peak learning rate of AdamW")
@@ -55,41 +62,28 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "linear learning-rate warm-up, as a fraction of all optimizer steps")
     max_grad_norm: float = _f(1.0, "gradient clipping (transformers' default; 0 turns it off)")
     seed: int = _f(0, "seed of initialisation, data order and dropout")
-    lora_alpha: float | None = _f(None, "LoRA alpha (default 2 x rank, a scaling of 2)")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: the method's; 2 x rank for LoRA, a scaling of 2)")
     lora_dropout: float = _f(0.0, "dropout on the adapters' input")
-    # FW-LoRA
-    lambda_fw: float = _f(1e-4, "FW-LoRA: penalty weight lambda")
-    fw_warmup_steps: int = _f(500, "FW-LoRA: K, optimizer steps that measure the Fisher scores")
-    fw_beta: float = _f(0.98, "FW-LoRA: EMA factor of the Fisher scores")
-    fw_estimator: str = _f("exact", "FW-LoRA: 'exact' or 'sketch' (cheaper, unbiased) Fisher estimate")
-    fw_sketch_size: int = _f(8, "FW-LoRA: columns of the sketch")
-    fw_measure_every: int = _f(1, "FW-LoRA: measure one warm-up step in this many")
-    fw_normalization: str = _f("sum", "FW-LoRA: I = F / sum F ('sum', METHOD.md) or F / max F ('max')")
-    allow_late_penalty: bool = _f(False, "allow fw_warmup_steps >= total steps (the penalty would never start)")
-    # AdaLoRA (PEFT's), configured as its authors' GLUE scripts, scaled to the run
-    adalora_alpha: float | None = _f(None, "AdaLoRA alpha (its update is scaled by alpha / init_r; default: see README)")
-    adalora_orth_reg: float = _f(0.1, "AdaLoRA orthogonal regulariser weight (authors' GLUE scripts: 0.1)")
-    adalora_tinit: float = _f(0.12, "AdaLoRA initial phase without pruning, fraction of steps")
-    adalora_tfinal: float = _f(0.48, "AdaLoRA final phase at the target budget, fraction of steps")
-    adalora_delta: float = _f(0.0015, "AdaLoRA: one budget allocation every this fraction of steps (>= 1 step)")
-    adalora_beta1: float = _f(0.85, "AdaLoRA sensitivity EMA")
-    adalora_beta2: float = _f(0.85, "AdaLoRA uncertainty EMA")
     # engineering
     mixed_precision: str = _f("no", "no, bf16 (CPU or GPU) or fp16 (GPU, with a gradient scaler)")
     eval_batch_size: int = _f(128, "evaluation batch size")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     output_dir: str = _f("runs/train", "run directory (config, metrics, per-matrix statistics, adapter)")
     log_every: int = _f(10, "refresh the progress bar and check for NaN/inf every this many steps")
+    checkpoint_every: int | None = _f(None, "also save a checkpoint every this many optimizer steps (atomic; the "
+                                      "previous one is kept until the new one is whole); default: about every "
+                                      "10 minutes of a run's steps, never on runs under 200 steps; 0 = epoch ends only")
+    # the method's own settings, by their flat names (from the method's Settings dataclass; see fwlora.methods)
+    method_settings: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
     # keys that do not change the result: a run directory may be reused with other values
-    NON_IDENTITY = ("output_dir", "data_dir", "threads", "log_every", "eval_batch_size")
+    NON_IDENTITY = ("output_dir", "data_dir", "threads", "log_every", "eval_batch_size", "checkpoint_every", "label")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> UserError:
             return UserError(f"{name.replace('_', '-')} = {getattr(self, name)!r}: {why}")
 
-        if self.method not in METHODS:
-            raise bad("method", f"unknown method; use one of {', '.join(METHODS)}")
+        owner = methods.get(self.method)  # an unknown method is refused with the list of known ones
         if self.head not in ("auto", "model", "mean"):
             raise bad("head", "use auto, model or mean")
         if self.budget is not None and self.rank is not None:
@@ -97,15 +91,17 @@ class TrainConfig:
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
             raise bad("budget", "must be a positive percentage")
         for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every",
-                     "train_limit", "eval_limit", "threads"):
+                     "train_limit", "eval_limit", "threads", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name, "must be >= 1")
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise bad("checkpoint_every", "must be >= 0 (0: checkpoints at epoch ends only)")
         if self.batch_size % self.grad_accum:
             raise bad("batch_size", f"must be divisible by grad-accum = {self.grad_accum}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a positive number")
-        for name in ("weight_decay", "max_grad_norm", "lambda_fw", "adalora_orth_reg", "lora_dropout"):
+        for name in ("weight_decay", "max_grad_norm", "lora_dropout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise bad(name, "must be a finite number >= 0")
@@ -113,45 +109,60 @@ class TrainConfig:
             raise bad("lora_dropout", "must lie in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", "must lie in [0, 1)")
-        for name in ("fw_beta", "adalora_beta1", "adalora_beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise bad(name, "must lie strictly between 0 and 1")
-        if self.fw_warmup_steps < 1:
-            raise bad("fw_warmup_steps", "must be >= 1")
-        if self.fw_estimator not in ("exact", "sketch"):
-            raise bad("fw_estimator", "use exact or sketch")
-        if self.fw_normalization not in ("sum", "max"):
-            raise bad("fw_normalization", "use sum or max")
-        if self.fw_sketch_size < 1 or not 1 <= self.fw_measure_every <= self.fw_warmup_steps:
-            raise bad("fw_measure_every", "must lie in [1, fw-warmup-steps] (and fw-sketch-size >= 1)")
-        for name in ("lora_alpha", "adalora_alpha"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise bad(name, "must be a positive number")
-        for name in ("adalora_tinit", "adalora_tfinal", "adalora_delta"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be a fraction in [0, 1)")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad("lora_alpha", "must be a positive number")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise bad("mixed_precision", "use no, bf16 or fp16")
+        # the method's settings: defaults filled in, then checked by its own Settings dataclass
+        stray = sorted(set(self.method_settings) - set(owner.defaults()))
+        if stray:
+            raise UserError(f"{', '.join(stray)}: not settings of method {self.method}")
+        self.method_settings = {**owner.defaults(), **self.method_settings}
+        self.method_options()  # its checks (a None default that depends on other settings stays None here;
+        # the run records the value it resolved to in result.json's method_info)
+
+    def method_options(self) -> Any:
+        """The method's Settings object (validated; run-filled fields left at their defaults)."""
+        return _method_settings(self.method, self.method_settings)
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.lambda_fw and the like: the run's method's settings read like fields
+        settings = self.__dict__.get("method_settings")
+        if settings is not None and name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__} of method {self.__dict__.get('method')!r} has no setting {name!r}")
 
     # ---- conversions --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat: the shared settings and the method's own, as config files and --flags name them."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method_settings"}
+        out.update(self.method_settings)
+        return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the result (what a run directory must agree on to be resumed)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.NON_IDENTITY}
+        return {k: v for k, v in self.to_dict().items() if k not in self.NON_IDENTITY}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Shared settings, plus method settings: the run's method keeps its own; another method's settings
+        (a preset's lambda_fw for a LoRA run) are accepted and left out."""
+        shared = {f.name for f in fields(cls) if f.name != "method_settings"}
+        owned = methods.all_settings()
+        unknown = sorted(set(values) - shared - set(owned))
         if unknown:
-            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        checked = {k: _coerce(k, v, source) for k, v in values.items()}
+            known = sorted(shared | set(owned))
+            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        method = values.get("method", _FIELD_DEFAULTS["method"])
+        checked = {k: _coerce(k, v, source, _FIELD_TYPES[k]) for k, v in values.items() if k in shared}
+        given = {k: _coerce(k, v, source, type_name(owned[k][1].type)) for k, v in values.items() if k in owned}
+        # another method's settings are checked too (a bad value is never silently carried), then left out
+        for name in {owned[k][0].name for k in given} - {method}:
+            _method_settings(name, {k: v for k, v in given.items() if owned[k][0].name == name})
+        own = {k: v for k, v in given.items() if owned[k][0].name == method}
         try:
-            return cls(**checked)
+            return cls(**checked, method_settings=own)
         except TypeError as e:
             raise UserError(f"{source}: {e}") from None
 
@@ -159,12 +170,43 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def type_name(annotation: Any) -> str:
+    """A field's type as written ("float", "int | None"), whether the module that declared it has
+    `from __future__ import annotations` (a string) or not (a class or a typing object)."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional["):-1] + " | None"
+    return text
+
+
+_FIELD_TYPES = {f.name: type_name(f.type) for f in fields(TrainConfig)}
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+_SETTING_ERROR = re.compile(r"^(?:\w+\.)?(\w+) = (.*)$", re.S)
+
+
+def _method_settings(method: str, flat: dict[str, Any]) -> Any:
+    """Build a method's Settings from flat settings; its own checks' errors become one UserError that names
+    the setting as the command line does (--fw-beta), whatever exception type the method's library uses."""
+    cls = methods.get(method)
+    try:
+        return cls.make_settings(flat)
+    except (ValueError, TypeError) as e:  # FWLoRAError and UserError are ValueErrors
+        message = str(e)
+        found = _SETTING_ERROR.match(message)
+        fields_ = {f.name for f in cls.setting_fields()}
+        if found and found.group(1) in fields_:
+            message = f"{cls.flat_name(found.group(1)).replace('_', '-')} = {found.group(2)}"
+        raise UserError(message) from None
+
+
+def _coerce(name: str, value: Any, source: str, kind: str) -> Any:
     """Check a config-file value against the field's type (ints may stand for floats; lists from strings)."""
-    kind = str(_FIELD_TYPES[name])
     if value is None:
         if "None" in kind:
             return None
@@ -221,4 +263,5 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_fields() -> list[dataclasses.Field]:
-    return list(fields(TrainConfig))
+    """The shared settings (each method's own come from fwlora.methods.all_settings())."""
+    return [f for f in fields(TrainConfig) if f.name != "method_settings"]

@@ -1,4 +1,9 @@
-"""GLUE classification tasks from a local directory or the Hugging Face hub; tokenisation; batching.
+"""Tasks: GLUE classification (here) and instruction tuning (fwlora.instruct), behind one Task interface.
+
+`get_task(name)` returns an object the training loop drives without asking which kind of task it is:
+load -> encode -> collator -> evaluate, plus the model kind to build and the headline metric.
+
+GLUE tasks come from a local directory or the Hugging Face hub.
 
 Local layout (see ../shared/glue/README.md): <data_dir>/<task>/{train,validation}.tsv, UTF-8, a header
 `sentence<TAB>label` or `sentence1<TAB>sentence2<TAB>label`, no quoting. The directory comes from
@@ -14,7 +19,9 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
 
 from fwlora.errors import DataError, UserError
 
@@ -168,6 +175,14 @@ def _load_from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example], str]:
     return convert("train"), convert(spec.validation_split), f"hub:nyu-mll/glue/{spec.name}"
 
 
+def _has_no_pair_template(tokenizer: Any) -> bool:
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)
+    try:
+        return count is not None and count(pair=True) == 0
+    except Exception:  # a tokenizer that cannot say: keep its own pair handling
+        return False
+
+
 def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
     """A seeded random subset of `limit` examples (the same for every method and run seed), in file order."""
     if limit is None or limit >= len(examples):
@@ -178,9 +193,163 @@ def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Ex
     return [examples[i] for i in keep]
 
 
+PAIR_SEPARATOR = "\n"
+
+
 def encode(examples: list[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-    """Tokenise (truncating to max_length, no padding: the collator pads each batch)."""
-    columns = list(zip(*(e.texts for e in examples)))
-    enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    """Tokenise (truncating to max_length, no padding: the collator pads each batch).
+
+    A pair goes through the tokenizer's pair template ([SEP] for BERT, </s></s> for RoBERTa/MPNet). Many
+    decoder tokenizers have none and would glue the two sentences together token to token: for them the
+    pair is one text, the sentences joined by a line break (truncated at the end).
+    """
+    columns = [list(c) for c in zip(*(e.texts for e in examples))]
+    if len(columns) == 2 and _has_no_pair_template(tokenizer):
+        columns = [[f"{a}{PAIR_SEPARATOR}{b}" for a, b in zip(*columns)]]
+    enc = tokenizer(*columns, truncation=True, max_length=max_length)
     keys = list(enc.keys())
     return [{**{k: enc[k][i] for k in keys}, "labels": e.label} for i, e in enumerate(examples)]
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, pair: bool) -> dict[str, float]:
+    """accuracy and MCC, and F1 for pair tasks (binary; macro over classes for MNLI)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    out = {"accuracy": float(accuracy_score(labels, preds)), "mcc": float(matthews_corrcoef(labels, preds))}
+    if pair:
+        out["f1"] = float(f1_score(labels, preds, average="binary" if labels.max() <= 1 else "macro", zero_division=0.0))
+    return out
+
+
+# ---- the Task interface ----------------------------------------------------------------------------
+
+SEQUENCE_CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"  # = models.MODEL_KINDS
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the training loop needs from a task, whatever its kind.
+
+    name, metric (the headline key of evaluate()'s dict), higher_is_better, model_kind
+    ("sequence-classification" | "causal-lm", for models.load_backbone), num_labels (None for causal LM).
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    model_kind: str
+    num_labels: int | None
+
+    def load(self, data_dir: str | os.PathLike | None = None) -> tuple[list, list, str]:
+        """(train examples, evaluation examples, source)."""
+
+    def encode(self, examples: list, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        """Tokenised examples, unpadded, with their `labels`."""
+
+    def encode_eval(self, examples: list, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        """encode() plus what evaluate() needs besides the model inputs (instruction tasks: the prompt
+        length and reference answer)."""
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """Pads a list of encoded examples into a batch of tensors (training)."""
+
+    def eval_collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The same for encode_eval() examples; evaluate() expects its batches."""
+
+    def evaluate(self, model: Any, eval_loader: Any, accelerator: Any, tokenizer: Any,
+                 max_new_tokens: int | None = None) -> dict[str, float]:
+        """Metrics over the whole evaluation set, gathered across processes; restores the model's mode.
+        max_new_tokens: the generation limit of tasks that generate (None: the task's default)."""
+
+    def majority_baseline(self, eval_examples: list) -> dict[str, float] | None:
+        """The metrics a constant majority-class predictor gets (None where that means nothing)."""
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """A GLUE task as a Task: a sequence classifier, accuracy / MCC / F1 from the argmax of the logits."""
+
+    spec: TaskSpec
+    higher_is_better: bool = True
+    model_kind: str = SEQUENCE_CLASSIFICATION
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def metric(self) -> str:
+        return self.spec.metric
+
+    @property
+    def num_labels(self) -> int:
+        return self.spec.num_labels
+
+    @property
+    def is_pair(self) -> bool:
+        return self.spec.is_pair
+
+    def load(self, data_dir: str | os.PathLike | None = None) -> tuple[list[Example], list[Example], str]:
+        return load_task(self.name, data_dir)
+
+    def encode(self, examples: list[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        return encode(examples, tokenizer, max_length)
+
+    def encode_eval(self, examples: list[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        return encode(examples, tokenizer, max_length)
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def eval_collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return self.collator(tokenizer)
+
+    def evaluate(self, model: Any, eval_loader: Any, accelerator: Any, tokenizer: Any = None,
+                 max_new_tokens: int | None = None) -> dict[str, float]:
+        import torch
+
+        was_training = model.training
+        model.eval()
+        preds, labels = [], []
+        try:
+            with torch.no_grad():
+                for batch in eval_loader:
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+                    preds.append(p.cpu())
+                    labels.append(y.cpu())
+        finally:
+            model.train(was_training)
+        return classification_metrics(torch.cat(labels).numpy(), torch.cat(preds).numpy(), self.is_pair)
+
+    def majority_baseline(self, eval_examples: list[Example]) -> dict[str, float]:
+        """Predicting the most frequent evaluation class (the lowest on a tie) for every example:
+        accuracy = its rate, MCC = 0, F1 as such a predictor scores it."""
+        if not eval_examples:
+            raise UserError(f"{self.name}: no evaluation examples")
+        labels = np.array([e.label for e in eval_examples])
+        majority = int(np.bincount(labels, minlength=self.num_labels).argmax())
+        return classification_metrics(labels, np.full_like(labels, majority), self.is_pair)
+
+
+def get_task(name: str, *, max_new_tokens: int | None = None) -> Task:
+    """The Task called `name`: a GLUE task (cola, sst2, ...) or an instruction task (gsm8k, alpaca, dolly).
+
+    max_new_tokens: GSM8K's generation limit for exact match (default 256); other tasks ignore it.
+    """
+    if name in TASKS:
+        return ClassificationTask(TASKS[name])
+    from fwlora import instruct
+
+    if name in instruct.INSTRUCTION_TASKS:
+        return instruct.get_instruction_task(name, max_new_tokens=max_new_tokens)
+    if name == "stsb":
+        task_spec(name)  # the regression message
+    raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (GLUE classification), "
+                    f"{', '.join(instruct.INSTRUCTION_TASKS)} (instruction tuning)")

@@ -1,4 +1,4 @@
-"""FW-LoRA in the Hugging Face Trainer.
+"""FW-LoRA and fwrank in the Hugging Face Trainer.
 
     from fwlora.hf import FWLoRATrainer
     trainer = FWLoRATrainer(model=peft_model, args=TrainingArguments(...), train_dataset=...,
@@ -8,6 +8,17 @@
 FWLoRATrainer adds fw.penalty() to the loss (scaled for gradient accumulation exactly as the Trainer
 scales the loss), calls fw.step() once per optimizer step through FWLoRACallback, and saves / restores
 the FW-LoRA state with the Trainer's checkpoints and next to the saved adapter.
+
+    from fwlora.hf import FWRankTrainer
+    trainer = FWRankTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=...,
+                            rank_config=FWRankConfig(target_rank=2, warmup_steps=200))
+    trainer.train()                      # trainer.allocation.ranks after step K
+
+FWRankTrainer measures during the first K optimizer steps, reallocates the ranks once after the K-th
+optimizer step (FWRankCallback.on_optimizer_step), hands the Trainer's optimizer the new parameters
+(state kept where shapes allow; the schedule goes on), and saves / restores the allocation with the
+checkpoints and next to the adapter (a resumed run is resized before its weights load).
+Under several processes (DDP) the Trainer's wrapped model keeps the old parameters: use one process.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from fwlora.allocation import RANK_STATE_FILE, FisherRankAllocation, FWRankConfig, refresh_optimizer
 from fwlora.method import STATE_FILE, FisherWeightedLoRA, FWLoRAConfig
 
 
@@ -86,3 +98,46 @@ class FWLoRATrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.fw.save(output_dir or self.args.output_dir)
+
+
+class FWRankCallback(TrainerCallback):
+    """Closes each optimizer step for fwrank, after optimizer.step(): at step K the model is resized and
+    the Trainer's optimizer takes the new parameters. Saves the allocation into every checkpoint."""
+
+    def __init__(self, allocation: FisherRankAllocation, trainer: Trainer | None = None):
+        self.allocation = allocation
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
+        if self.allocation.step(grad_scale=scaler.get_scale() if scaler is not None else None):
+            refresh_optimizer(optimizer, self.allocation.model)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.allocation.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+class FWRankTrainer(Trainer):
+    """transformers.Trainer training a PEFT LoRA model with Fisher-guided rank allocation."""
+
+    def __init__(self, *args: Any, rank_config: FWRankConfig | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise ValueError("FWRankTrainer runs on one process: DDP keeps the parameters it wrapped, and the "
+                             "resize replaces some (use fwlora train under torchrun for data parallelism)")
+        self.allocation = FisherRankAllocation(self.model, rank_config or FWRankConfig())
+        self.add_callback(FWRankCallback(self.allocation, self))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint:
+            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            if path and os.path.isfile(os.path.join(path, RANK_STATE_FILE)):
+                self.allocation.load(path)  # past K: the model takes the saved ranks before its weights load
+                self.optimizer = None  # built anew over the resized parameters
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.allocation.save(output_dir or self.args.output_dir)

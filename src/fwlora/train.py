@@ -1,141 +1,48 @@
-"""The one training loop for LoRA, AdaLoRA and FW-LoRA: same data order, optimiser, schedule, evaluation.
+"""The one training loop, for every method: same data order, optimiser, schedule, evaluation.
 
 A recipe in three parts: `setup` builds data, model, optimiser and schedule from a TrainConfig;
 `Trainer.fit` runs epochs (Accelerate: devices, data parallel, mixed precision, accumulation) and
 evaluates after each; `train` ties them to a run directory that holds everything to re-run and to
-analyse (config.json, result.json, adapter/, checkpoint/).
+analyse (records.py: config.json, result.json, adapter/, checkpoint/).
 
-Per optimizer step, after the backward pass of its last micro-batch:
-    clip -> fw.step() -> optimizer.step() -> adalora.update_and_allocate(step) -> scheduler.step() -> zero_grad
+The loop never asks which method it runs: it calls the method's hooks (fwlora.methods.base). Per
+optimizer step, after the backward pass of its last micro-batch:
+    clip -> method.before_optimizer_step -> optimizer.step() -> method.after_optimizer_step
+         -> (parameters changed: refresh the optimizer) -> scheduler.step() -> zero_grad
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import platform
 import random
 import shutil
 import signal
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from fwlora import analysis, models
-from fwlora.budget import Budget, adalora_ranks, make_budget
+from fwlora import analysis, methods, models
+from fwlora.budget import Budget, make_budget
 from fwlora.config import DEFAULT_BUDGET, TrainConfig
-from fwlora.data import encode, load_task, subset, task_spec
+from fwlora.data import get_task, subset
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.files import read_json, write_json
-from fwlora.method import FisherWeightedLoRA, FWLoRAConfig
+from fwlora.method import NonFiniteFisherError
+from fwlora.methods.base import Method, RunInfo
+from fwlora.records import ADAPTER_DIR, CHECKPOINT_DIR, RunRecord, Status, write_config, write_result
+from fwlora.rundir import environment, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, RESULT_FILE, CHECKPOINT_DIR, ADAPTER_DIR = "config.json", "result.json", "checkpoint", "adapter"
-# The head chosen for the offline backbone on evidence (README, "The head of the offline backbone").
-OFFLINE_HEAD = "mean"
-
-
-# ---- metrics ---------------------------------------------------------------------------------------
-
-
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, pair: bool) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    out = {"accuracy": float(accuracy_score(labels, preds)), "mcc": float(matthews_corrcoef(labels, preds))}
-    if pair:
-        out["f1"] = float(f1_score(labels, preds, average="binary" if labels.max() <= 1 else "macro"))
-    return out
-
-
-# ---- the run directory -----------------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    """Versions, git commit and machine: enough to tell where a number came from."""
-    import importlib.metadata as md
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                 cwd=Path(__file__).resolve().parent)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": {p: version(p) for p in ("fwlora", "torch", "transformers", "peft", "accelerate", "datasets")},
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "command": " ".join(sys.argv),
-    }
-
-
-def run_status(run_dir: Path) -> str | None:
-    """'complete', 'failed', 'interrupted', 'running', or None for an empty directory."""
-    result = run_dir / RESULT_FILE
-    if result.is_file():
-        return read_json(result).get("status")
-    return "running" if (run_dir / CONFIG_FILE).is_file() else None
-
-
-def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
-    """Claim cfg.output_dir; return True when a checkpoint there should be resumed.
-
-    A directory holding another configuration is refused unless --overwrite; an unfinished run of the
-    same configuration needs --resume (or --overwrite) so that finished work is never lost by accident.
-    """
-    run_dir = Path(cfg.output_dir)
-    existing = run_dir / CONFIG_FILE
-    if not existing.is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-            raise UserError(f"{run_dir} is not empty and holds no fwlora run: choose another --output-dir or pass --overwrite")
-        if overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)
-        return False
-    if overwrite:
-        shutil.rmtree(run_dir)
-        return False
-    old = read_json(existing).get("config", {})
-    old_identity = {k: v for k, v in old.items() if k not in TrainConfig.NON_IDENTITY}
-    if old_identity != cfg.identity():
-        diff = sorted(k for k in set(old_identity) | set(cfg.identity()) if old_identity.get(k) != cfg.identity().get(k))
-        shown = ", ".join(f"{k}: {old_identity.get(k)!r} -> {cfg.identity().get(k)!r}" for k in diff[:6])
-        raise UserError(f"{run_dir} holds a run with a different configuration ({shown}); "
-                        "use another --output-dir, or --overwrite to replace it")
-    status = run_status(run_dir)
-    if status == "complete":
-        raise UserError(f"{run_dir} already holds this run, complete; pass --overwrite to train it again")
-    if not resume:
-        raise UserError(f"{run_dir} holds an unfinished run of this configuration ({status}); "
-                        "pass --resume to continue it or --overwrite to start again")
-    checkpoint, previous = run_dir / CHECKPOINT_DIR, run_dir / (CHECKPOINT_DIR + ".old")
-    if not checkpoint.is_dir() and previous.is_dir():
-        previous.rename(checkpoint)  # stopped between save_checkpoint's two renames: the old one is whole
-    if not checkpoint.is_dir():
-        log.warning("%s has no checkpoint (stopped before its first one): starting the run from the beginning", run_dir)
-    return checkpoint.is_dir()
+# checkpoint every this many seconds of training when --checkpoint-every is not given
+DEFAULT_CHECKPOINT_SECONDS = 600.0
 
 
 # ---- setup -----------------------------------------------------------------------------------------
@@ -146,7 +53,7 @@ class Setup:
     """Everything a run is built from, resolved from its TrainConfig."""
 
     cfg: TrainConfig
-    spec: Any
+    task: Any  # data.Task
     model: torch.nn.Module
     tokenizer: Any
     train_data: list[dict]
@@ -157,21 +64,13 @@ class Setup:
     steps_per_epoch: int
     total_steps: int
     data_source: str
-    adalora_schedule: models.AdaLoraSchedule | None = None
-    lora_alpha: float = 0.0
+    method: Method
+    majority: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def resolve_head(cfg: TrainConfig) -> str:
-    if cfg.head != "auto":
-        return cfg.head
-    return OFFLINE_HEAD if cfg.model == models.OFFLINE_BACKBONE else "model"
-
-
-def default_adalora_alpha(init_r: int) -> float:
-    """AdaLoRA scales its update by alpha / init_r; its authors' GLUE scripts use alpha 32 with init_r 8
-    on CoLA (a scaling of 4). We keep that scaling: alpha = 4 init_r. See README (AdaLoRA settings)."""
-    return 4.0 * init_r
+    return models.default_head(cfg.model) if cfg.head == "auto" else cfg.head
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -180,14 +79,14 @@ def setup(cfg: TrainConfig) -> Setup:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    spec = task_spec(cfg.task)
-    train_examples, eval_examples, source = load_task(cfg.task, cfg.data_dir)
+    task = get_task(cfg.task)
+    train_examples, eval_examples, source = task.load(cfg.data_dir)
     train_examples = subset(train_examples, cfg.train_limit)
     if cfg.eval_limit:
         eval_examples = eval_examples[: cfg.eval_limit]
     head = resolve_head(cfg)
     set_seed(cfg.seed)  # the head's and the adapters' initialisation
-    model, tokenizer = models.load_backbone(cfg.model, spec.num_labels, head)
+    model, tokenizer = models.load_backbone(cfg.model, task, head)
     targets = models.resolve_targets(model, cfg.target_modules)
     counts = models.count_params(model, targets)
     percent = None if cfg.rank is not None else (cfg.budget if cfg.budget is not None else DEFAULT_BUDGET)
@@ -195,32 +94,21 @@ def setup(cfg: TrainConfig) -> Setup:
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    notes = []
-    if cfg.method == "fwlora" and cfg.fw_warmup_steps >= total_steps:
-        msg = (f"fw-warmup-steps = {cfg.fw_warmup_steps} >= the run's {total_steps} optimizer steps: "
-               "the FW-LoRA penalty would never start (this run would be plain LoRA)")
-        if not cfg.allow_late_penalty:
-            raise UserError(msg + "; lower --fw-warmup-steps, or pass --allow-late-penalty")
-        log.warning(msg)
-        notes.append(msg)
-
-    lora_alpha = cfg.lora_alpha or 2.0 * budget.rank
-    schedule = None
-    adalora_kwargs = None
-    if cfg.method == "adalora":
-        schedule = models.AdaLoraSchedule.scaled(total_steps, cfg.adalora_tinit, cfg.adalora_tfinal, cfg.adalora_delta)
-        init_r, _ = adalora_ranks(budget.rank)
-        lora_alpha = cfg.adalora_alpha or default_adalora_alpha(init_r)
-        adalora_kwargs = dict(init_r=init_r, total_step=schedule.total_step, tinit=schedule.tinit,
-                              tfinal=schedule.tfinal, deltaT=schedule.deltaT, beta1=cfg.adalora_beta1,
-                              beta2=cfg.adalora_beta2, orth_reg_weight=cfg.adalora_orth_reg)
-    model = models.build_peft_model(model, cfg.method, budget.rank, targets, lora_alpha=lora_alpha,
-                                    lora_dropout=cfg.lora_dropout, adalora=adalora_kwargs)
-    return Setup(cfg=cfg, spec=spec, model=model, tokenizer=tokenizer,
-                 train_data=encode(train_examples, tokenizer, cfg.max_length),
-                 eval_data=encode(eval_examples, tokenizer, cfg.max_length), budget=budget, head=head,
+    method_cls = methods.get(cfg.method)
+    run = RunInfo(total_steps=total_steps, seed=cfg.seed, rank=budget.rank, adapter_params=budget.adapter_params,
+                  targets=list(targets), modules_to_save=models.head_modules(model), lora_alpha=cfg.lora_alpha,
+                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM" if task.model_kind == "causal-lm" else None)
+    method = method_cls(method_cls.make_settings(cfg.method_settings, run), run)
+    notes = list(method.check())
+    for note in notes:
+        log.warning(note)
+    model = method.build(model)
+    models.check_head_not_adapted(model)
+    return Setup(cfg=cfg, task=task, model=model, tokenizer=tokenizer,
+                 train_data=task.encode(train_examples, tokenizer, cfg.max_length),
+                 eval_data=task.encode_eval(eval_examples, tokenizer, cfg.max_length), budget=budget, head=head,
                  targets=targets, steps_per_epoch=steps_per_epoch, total_steps=total_steps, data_source=source,
-                 adalora_schedule=schedule, lora_alpha=lora_alpha, notes=notes)
+                 method=method, majority=task.majority_baseline(eval_examples), notes=notes)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -277,9 +165,9 @@ class Trainer:
     def __init__(self, s: Setup, run_dir: Path):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration
-        from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+        from transformers import get_linear_schedule_with_warmup
 
-        self.s, self.cfg, self.run_dir = s, s.cfg, run_dir
+        self.s, self.cfg, self.run_dir, self.method = s, s.cfg, run_dir, s.method
         # Under torchrun / accelerate launch without a GPU, Accelerate only sets up gloo data parallelism
         # when told the run is on the CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -293,7 +181,7 @@ class Trainer:
         if self.cfg.batch_size % (self.cfg.grad_accum * world):
             raise UserError(f"batch-size {self.cfg.batch_size} must be divisible by grad-accum x processes = "
                             f"{self.cfg.grad_accum * world}")
-        collator = DataCollatorWithPadding(s.tokenizer)
+        collator = s.task.collator(s.tokenizer)
         self.sampler = EpochSampler(len(s.train_data), self.cfg.seed)
         # Its own generator: iter(DataLoader) draws a seed from `generator`, by default the global torch RNG,
         # which would shift the dropout stream of a run resumed mid-epoch (one extra draw) away from the
@@ -301,7 +189,8 @@ class Trainer:
         train_loader = torch.utils.data.DataLoader(s.train_data, batch_size=self.cfg.batch_size // self.cfg.grad_accum,
                                                    sampler=self.sampler, collate_fn=collator,
                                                    generator=torch.Generator().manual_seed(self.cfg.seed))
-        eval_loader = torch.utils.data.DataLoader(s.eval_data, batch_size=self.cfg.eval_batch_size, collate_fn=collator)
+        eval_loader = torch.utils.data.DataLoader(s.eval_data, batch_size=self.cfg.eval_batch_size,
+                                                  collate_fn=s.task.eval_collator(s.tokenizer))
         params = [p for p in s.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, round(self.cfg.warmup_ratio * s.total_steps), s.total_steps)
@@ -309,12 +198,7 @@ class Trainer:
             s.model, optimizer, train_loader, eval_loader, scheduler)
         self.params = params
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        self.fw = None
-        if self.cfg.method == "fwlora":
-            self.fw = FisherWeightedLoRA(self.unwrapped, FWLoRAConfig(
-                lambda_fw=self.cfg.lambda_fw, warmup_steps=self.cfg.fw_warmup_steps, beta=self.cfg.fw_beta,
-                estimator=self.cfg.fw_estimator, sketch_size=self.cfg.fw_sketch_size,
-                measure_every=self.cfg.fw_measure_every, normalization=self.cfg.fw_normalization, seed=self.cfg.seed))
+        self.method.attach(self.unwrapped)
         # progress, restored from a checkpoint on resume
         self.epoch = 0
         self.batches_done_in_epoch = 0  # micro-batches of the current epoch already trained
@@ -323,52 +207,62 @@ class Trainer:
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.step_seconds: list[float] = []
+        self.param_counts: list[list[int]] = [[0, self._trainable_count()]]  # [first step, trainable params] segments
         self.loss_sum = torch.zeros((), device=self.accelerator.device)
-        self.penalty_sum = torch.zeros((), device=self.accelerator.device)
+        self.extra_sum = torch.zeros((), device=self.accelerator.device)
+        self.has_extra_loss = False
         self.loss_count = 0
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)
+        self._last_checkpoint = time.perf_counter()
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def _trainable_count(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     # -- evaluation --
 
     def evaluate(self) -> dict[str, float]:
         start = time.perf_counter()
         self.model.eval()
-        preds, labels = [], []
-        with torch.no_grad():
-            for batch in self.eval_loader:
-                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                p, y = self.accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-                preds.append(p.cpu())
-                labels.append(y.cpu())
+        metrics = self.s.task.evaluate(self.model, self.eval_loader, self.accelerator, self.s.tokenizer,
+                                       max_new_tokens=self.cfg.max_new_tokens)
         self.model.train()
         self.eval_seconds += time.perf_counter() - start
-        return classification_metrics(torch.cat(labels).numpy(), torch.cat(preds).numpy(), self.s.spec.is_pair)
+        return metrics
 
     # -- one optimizer step's closing --
 
     def _optimizer_step(self) -> None:
-        grad_norm = None
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
         bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=self._first_bad_step.device))
         self._mark_bad(bad)
-        if self.fw is not None:
-            scaler = self.accelerator.scaler
-            self.fw.step(grad_scale=scaler.get_scale() if scaler is not None else None)
+        scaler = self.accelerator.scaler
+        self.method.before_optimizer_step(self.global_step, scaler.get_scale() if scaler is not None else None)
         self.optimizer.step()
-        if self.cfg.method == "adalora":
-            # after backward, before zero_grad, once per optimizer step, with the 0-based step index
-            # (PEFT's contract and the AdaLoRA authors' trainer)
-            self.unwrapped.base_model.update_and_allocate(self.global_step)
+        if self.method.after_optimizer_step(self.global_step):
+            self._refresh_parameters()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+
+    def _refresh_parameters(self) -> None:
+        """The method changed the trainable parameters (a resize): the optimizer takes the new set, keeping
+        the state of every parameter still present; the schedule goes on."""
+        from fwlora.allocation import refresh_optimizer
+
+        refresh_optimizer(self.optimizer, self.unwrapped)
+        self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap the model anew
+            self.model = self.accelerator.prepare_model(self.unwrapped, device_placement=False)
+        count = self._trainable_count()
+        if count != self.param_counts[-1][1]:
+            self.param_counts.append([self.global_step + 1, count])
 
     def _mark_bad(self, bad: torch.Tensor) -> None:
         """Remember the first step whose loss or gradient was not finite, without a host sync."""
@@ -380,6 +274,12 @@ class Trainer:
         if bad_step >= 0:
             raise NonFiniteError(f"the loss or gradient became NaN/inf at optimizer step {bad_step} "
                                  f"(epoch {self.epoch + 1}); try a lower --lr. The last good checkpoint is kept.")
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every
+        if every is None:
+            return self.s.total_steps >= 200 and time.perf_counter() - self._last_checkpoint >= DEFAULT_CHECKPOINT_SECONDS
+        return every > 0 and self.global_step % every == 0
 
     # -- the loop --
 
@@ -405,13 +305,14 @@ class Trainer:
             for batch in loader:
                 with self.accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss  # AdaLoRA's orthogonal regulariser is inside
-                    penalty = self.fw.penalty() if self.fw is not None else None
-                    total = loss + penalty if penalty is not None else loss
+                    extra = self.method.extra_loss()
+                    total = loss + extra if extra is not None else loss
                     self.accelerator.backward(total)
                     self.batches_done_in_epoch += 1
                     self.loss_sum += loss.detach().float()
-                    if penalty is not None:
-                        self.penalty_sum += penalty.detach().float()
+                    if extra is not None:
+                        self.extra_sum += extra.detach().float()
+                        self.has_extra_loss = True
                     self.loss_count += 1
                     self._mark_bad(~torch.isfinite(total.detach()))
                     if self.accelerator.sync_gradients:
@@ -423,15 +324,17 @@ class Trainer:
                         if self.global_step % cfg.log_every == 0:
                             self._check_finite()
                             bar.set_postfix(self._running_losses(), refresh=False)
-                        if stop.signum is not None:
+                        if stop.signum is not None or self._checkpoint_due():
                             self._sync()
                             self.train_seconds += time.perf_counter() - epoch_start
                             self._check_finite()
                             self.save_checkpoint()
-                            raise TrainingInterrupted(
-                                f"stopped by {signal.Signals(stop.signum).name} at step {self.global_step}; "
-                                f"checkpoint saved in {self.run_dir / CHECKPOINT_DIR}; continue with --resume",
-                                stop.signum)
+                            if stop.signum is not None:
+                                raise TrainingInterrupted(
+                                    f"stopped by {signal.Signals(stop.signum).name} at step {self.global_step}; "
+                                    f"checkpoint saved in {self.run_dir / CHECKPOINT_DIR}; continue with --resume",
+                                    stop.signum)
+                            epoch_start = step_start = time.perf_counter()  # the checkpoint is not training time
             self._sync()
             self.train_seconds += time.perf_counter() - epoch_start
             self._check_finite()
@@ -445,7 +348,7 @@ class Trainer:
             self.epoch += 1
             self.batches_done_in_epoch = 0
             self.loss_sum.zero_()
-            self.penalty_sum.zero_()
+            self.extra_sum.zero_()
             self.loss_count = 0
             self.save_checkpoint()
             if on_epoch_end is not None:
@@ -455,20 +358,22 @@ class Trainer:
     def _running_losses(self) -> dict[str, float]:
         n = max(self.loss_count, 1)
         out = {"loss": float(self.loss_sum) / n}
-        if self.fw is not None:
-            out["penalty"] = float(self.penalty_sum) / n
+        if self.has_extra_loss:
+            out["penalty"] = float(self.extra_sum) / n
         return out
 
     def _sync(self) -> None:
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # -- checkpoints: adapter + head, optimiser, schedule, RNG, FW-LoRA and AdaLoRA state, data position --
+    # -- checkpoints: adapter + head, optimiser, schedule, RNG, the method's state, data position --
 
     def save_checkpoint(self) -> None:
+        """Written to checkpoint.tmp, then swapped in: the previous checkpoint stays until the new one is whole."""
         from safetensors.torch import save_file
 
         self.accelerator.wait_for_everyone()
+        self._last_checkpoint = time.perf_counter()
         if not self.is_main:
             return
         final = self.run_dir / CHECKPOINT_DIR
@@ -483,37 +388,28 @@ class Trainer:
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(tmp / "rng.safetensors"))
-        if self.fw is not None:
-            self.fw.save(tmp)
-        if self.cfg.method == "adalora":
-            self._save_adalora(tmp)
+        self.method.save_state(tmp)
         write_json(tmp / "progress.json", {
             "epoch": self.epoch, "batches_done_in_epoch": self.batches_done_in_epoch, "global_step": self.global_step,
             "history": self.history, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-            "step_seconds": self.step_seconds, "loss_sum": float(self.loss_sum), "penalty_sum": float(self.penalty_sum),
+            "step_seconds": self.step_seconds, "loss_sum": float(self.loss_sum), "penalty_sum": float(self.extra_sum),
+            "has_extra_loss": self.has_extra_loss, "param_counts": self.param_counts,
             "loss_count": self.loss_count, "python_random": _python_rng_state(),
         })
+        _fsync_tree(tmp)
         old = self.run_dir / (CHECKPOINT_DIR + ".old")
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _save_adalora(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        allocator = self.unwrapped.base_model.rankallocator
-        tensors = {f"{kind}/{n}": t.detach().cpu().contiguous()
-                   for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc") for n, t in getattr(allocator, kind).items()}
-        if tensors:
-            save_file(tensors, str(directory / "adalora_allocator.safetensors"))
-        config = next(iter(self.unwrapped.peft_config.values()))
-        write_json(directory / "adalora_rank_pattern.json", config.rank_pattern)
-
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file
 
         directory = self.run_dir / CHECKPOINT_DIR
+        # the method first: it may reshape the model (a resize after its warm-up) before the weights load
+        if self.method.load_state(directory):
+            self._refresh_parameters()
         trainable = load_file(str(directory / "trainable.safetensors"))
         params = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
@@ -525,16 +421,6 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-        if self.fw is not None:
-            self.fw.load(directory)
-        if self.cfg.method == "adalora":
-            allocator = self.unwrapped.base_model.rankallocator
-            path = directory / "adalora_allocator.safetensors"
-            for key, value in (load_file(str(path)) if path.is_file() else {}).items():
-                kind, name = key.split("/", 1)
-                getattr(allocator, kind)[name] = value.to(self.accelerator.device)
-            config = next(iter(self.unwrapped.peft_config.values()))
-            config.rank_pattern = read_json(directory / "adalora_rank_pattern.json")
         progress = read_json(directory / "progress.json")
         self.epoch = progress["epoch"]
         self.batches_done_in_epoch = progress["batches_done_in_epoch"]
@@ -543,11 +429,21 @@ class Trainer:
         self.train_seconds = progress["train_seconds"]
         self.eval_seconds = progress["eval_seconds"]
         self.step_seconds = progress["step_seconds"]
+        self.param_counts = progress.get("param_counts", self.param_counts)
         self.loss_sum.fill_(progress["loss_sum"])
-        self.penalty_sum.fill_(progress["penalty_sum"])
+        self.extra_sum.fill_(progress["penalty_sum"])
+        self.has_extra_loss = progress.get("has_extra_loss", False)
         self.loss_count = progress["loss_count"]
         random.setstate(_python_rng_from_json(progress["python_random"]))
         log.info("resumed at epoch %d, step %d", self.epoch + 1, self.global_step)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush a checkpoint's files to disk before it replaces the previous one (a power loss or SIGKILL
+    right after the rename must not leave a checkpoint of empty files)."""
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _python_rng_state() -> list:
@@ -580,63 +476,62 @@ def timing_summary(t: Trainer) -> dict[str, Any]:
         "step_seconds_median": statistics.median(steps) if steps else None,
         "peak_memory": peak_memory(t.accelerator.device),
     }
-    if t.cfg.method == "fwlora" and steps:
-        k = min(t.cfg.fw_warmup_steps, len(steps))
-        out["fw_warmup_step_seconds_median"] = statistics.median(steps[:k])
-        out["fw_after_warmup_step_seconds_median"] = statistics.median(steps[k:]) if len(steps) > k else None
-        out["fw_warmup_seconds"] = sum(steps[:k])
+    k = t.method.warmup_steps()
+    if k is not None and steps:
+        k = min(k, len(steps))
+        out["warmup_step_seconds_median"] = statistics.median(steps[:k])
+        out["after_warmup_step_seconds_median"] = statistics.median(steps[k:]) if len(steps) > k else None
+        out["warmup_seconds"] = sum(steps[:k])
     return out
 
 
-def summarise(t: Trainer, env: dict, load_seconds: float) -> dict[str, Any]:
+def trained_params(t: Trainer) -> dict[str, Any]:
+    """Adapter parameters trained: at the start, at the end, and averaged over the optimizer steps (a method
+    that resizes its adapter, or AdaLoRA's init_r ranks, trains more or fewer than its final budget)."""
+    head = t.s.budget.head_params
+    segments = t.param_counts
+    total = max(t.global_step, 1)
+    weighted = sum((min(end, total) - start) * count for (start, count), end in
+                   zip(segments, [s for s, _ in segments[1:]] + [total]))
+    return {"trained_adapter_params_initial": segments[0][1] - head,
+            "trained_adapter_params_final": segments[-1][1] - head,
+            "trained_adapter_params_mean": weighted / total - head}
+
+
+def summarise(t: Trainer, env: dict, load_seconds: float) -> RunRecord:
     s, cfg = t.s, t.cfg
-    metric = s.spec.metric
-    best = max(t.history, key=lambda h: h[metric])
+    metric = s.task.metric
+    pick = max if s.task.higher_is_better else min
+    best = pick(t.history, key=lambda h: h[metric])
     deltas = models.delta_weights(t.unwrapped)
-    extra: dict[str, dict[str, float]] = {}
-    if t.fw is not None:
-        names = {n: models.short_name(n) for n in t.fw.names}
-        extra["fisher"] = {names[n]: v for n, v in t.fw.fisher.items()}
-        extra["importance"] = {names[n]: v for n, v in t.fw.importance.items()}
-    adalora_info = None
-    if cfg.method == "adalora":
-        extra["adalora_rank"] = models.adalora_rank_pattern(t.unwrapped)
-        sch = s.adalora_schedule
-        init_r, target_r = adalora_ranks(s.budget.rank)
-        adalora_info = {"init_r": init_r, "target_r": target_r, "lora_alpha": s.lora_alpha,
-                        "total_step": sch.total_step, "tinit": sch.tinit, "tfinal": sch.tfinal, "deltaT": sch.deltaT,
-                        "orth_reg_weight": cfg.adalora_orth_reg, "beta1": cfg.adalora_beta1, "beta2": cfg.adalora_beta2,
-                        "final_total_rank": sum(extra["adalora_rank"].values()) if extra["adalora_rank"] else None}
     trainable = sum(p.numel() for p in t.params)
-    return {
-        "status": "complete",
-        "task": cfg.task, "method": cfg.method, "seed": cfg.seed, "metric": metric,
-        "processes": t.accelerator.num_processes,
-        "final": t.history[-1], "best": best,
-        "epochs": t.history,
-        "budget": {**s.budget.to_dict(), "trainable_params": trainable, "adapter_trainable_params": trainable - s.budget.head_params,
-                   "head": s.head, "lora_alpha": s.lora_alpha, "targets": s.targets},
-        "adalora": adalora_info,
-        "timing": {**timing_summary(t), "load_seconds": load_seconds},
-        "matrices": analysis.matrix_table(deltas, **extra),
-        "data": {"source": s.data_source, "train_examples": len(s.train_data), "eval_examples": len(s.eval_data),
-                 "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps},
-        "notes": s.notes,
-        "env": env,
-    }
+    return RunRecord(
+        status=Status.COMPLETE, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
+        metric=metric, higher_is_better=s.task.higher_is_better, final=t.history[-1], best=best, epochs=t.history,
+        processes=t.accelerator.num_processes,
+        budget={**s.budget.to_dict(), "trainable_params": trainable, "adapter_trainable_params": trainable - s.budget.head_params,
+                **trained_params(t), "head": s.head, "lora_alpha": t.method.summary().get("lora_alpha"),
+                "targets": s.targets},
+        method_info=t.method.summary(),
+        timing={**timing_summary(t), "load_seconds": load_seconds},
+        matrices=analysis.matrix_table(deltas, **t.method.matrix_columns()),
+        data={"source": s.data_source, "train_examples": len(s.train_data), "eval_examples": len(s.eval_data),
+              "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "majority": s.majority},
+        notes=s.notes, env=env)
 
 
 # ---- entry point -----------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          on_epoch_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Run one configuration into cfg.output_dir and return its result (also written to result.json).
+          on_epoch_end: Callable[[dict], None] | None = None) -> RunRecord:
+    """Run one configuration into cfg.output_dir and return its record (also written to result.json).
 
     on_epoch_end(entry) is called after each epoch's evaluation with that epoch's metrics.
 
     Raises UserError for bad input, TrainingInterrupted after a signal (checkpoint saved), and
-    NonFiniteError when training diverges (result.json records the failure; the checkpoint is kept).
+    NonFiniteError when training diverges, also inside a method's warm-up statistic (result.json
+    records the failure with its step; the last good checkpoint is kept).
     """
     run_dir = Path(cfg.output_dir)
     resuming = prepare_run_dir(cfg, resume, overwrite)
@@ -644,55 +539,45 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     s = setup(cfg)
     env = environment()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG_FILE, {"config": cfg.to_dict(), "env": env})
+    write_config(run_dir, cfg.to_dict(), env)
     t = Trainer(s, run_dir)
     if resuming:
         t.load_checkpoint()
     load_seconds = time.perf_counter() - start
     if t.is_main:
-        log.info("%s %s on %s: rank %d, %s adapter parameters (%.3f %% of %s), head %s parameters, %d steps",
-                 cfg.method, cfg.task, cfg.model, s.budget.rank, f"{s.budget.adapter_params:,}", s.budget.percent,
-                 f"{s.budget.backbone_params:,}", f"{s.budget.head_params:,}", s.total_steps)
+        log.info("%s %s on %s: rank %d (budget %s adapter parameters, %.3f %% of %s), trains %s adapter + %s head "
+                 "parameters, %d steps", cfg.method, cfg.task, cfg.model, s.budget.rank, f"{s.budget.adapter_params:,}",
+                 s.budget.percent, f"{s.budget.backbone_params:,}", f"{t._trainable_count() - s.budget.head_params:,}",
+                 f"{s.budget.head_params:,}", s.total_steps)
+
+    def failed(status: Status, **extra: Any) -> RunRecord:
+        return RunRecord(status=status, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
+                         metric=s.task.metric, epochs=t.history, step=t.global_step, env=env, **extra)
+
     try:
         with _StopSignals() as stop:
-            t.fit(stop, on_epoch_end)
+            try:
+                t.fit(stop, on_epoch_end)
+            except NonFiniteFisherError as e:  # a NaN/inf gradient inside a method's warm-up statistic
+                raise NonFiniteError(f"{e}; try a lower --lr. The last good checkpoint is kept.") from None
     except TrainingInterrupted:
         if t.is_main:
-            write_json(run_dir / RESULT_FILE, {"status": "interrupted", "step": t.global_step, "config": cfg.to_dict()})
+            write_result(run_dir, failed(Status.INTERRUPTED))
         raise
     except NonFiniteError as e:
         if t.is_main:
-            write_json(run_dir / RESULT_FILE, {"status": "failed", "error": str(e), "step": t.global_step,
-                                                "config": cfg.to_dict(), "epochs": t.history})
+            write_result(run_dir, failed(Status.FAILED, error=str(e)))
         raise
-    result = summarise(t, env, load_seconds)
-    result["config"] = cfg.to_dict()
+    record = summarise(t, env, load_seconds)
     if t.is_main:
         with warnings.catch_warnings():
             # AdaLoRA saves the matrices it pruned to rank 0 as (0, d) tensors, which PEFT mistakes for
             # ungathered ZeRO-3 / FSDP shards; the adapter is complete and loads back.
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
             t.unwrapped.save_pretrained(str(run_dir / ADAPTER_DIR))
-        if t.fw is not None:
-            t.fw.save(run_dir / ADAPTER_DIR)
-        write_json(run_dir / RESULT_FILE, result)
+        t.method.save_adapter_extras(run_dir / ADAPTER_DIR)
+        write_result(run_dir, record)
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     t.accelerator.wait_for_everyone()
-    if t.fw is not None:
-        t.fw.remove()
-    return result
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' and PEFT's per-run chatter (newly initialised head weights etc.)."""
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        transformers.logging.enable_progress_bar()
+    t.method.close()
+    return record

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-from fwlora.config import TrainConfig, config_fields, load_config_file
+from fwlora import methods
+from fwlora.config import TrainConfig, config_fields, load_config_file, type_name
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.method import FWLoRAError
 
@@ -30,33 +31,43 @@ def _flag(name: str) -> str:
 
 
 def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field, help text from the field; defaults stay unset (None) so that a
-    config file can fill what the command line leaves out."""
+    """One flag per shared TrainConfig field and per registered method's setting, help text from the
+    field; defaults stay unset (None) so that a config file can fill what the command line leaves out."""
     group = parser.add_argument_group("training settings (also accepted in --config FILE)")
     for f in config_fields():
-        if f.name in skip:
-            continue
-        kind = str(f.type)
-        default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
-        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text.replace("%%", "%%")}
-        if kind.startswith("bool"):
-            group.add_argument(_flag(f.name), action="store_const", const=True, **kwargs)
-            continue
-        if kind.startswith("list"):
-            kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]
-        elif kind.startswith("int"):
-            kwargs["type"] = int
-        elif kind.startswith("float"):
-            kwargs["type"] = float
-        kwargs["metavar"] = f.name.upper()
-        group.add_argument(_flag(f.name), **kwargs)
+        if f.name not in skip:
+            _add_flag(group, f.name, f)
+    for cls in methods.REGISTRY.values():
+        own = [f for f in cls.setting_fields() if cls.flat_name(f.name) not in skip]
+        if own:
+            method_group = parser.add_argument_group(f"{cls.label or cls.name} settings (--method {cls.name} only)")
+            for f in own:
+                _add_flag(method_group, cls.flat_name(f.name), f)
+
+
+def _add_flag(group: Any, name: str, f: Any) -> None:
+    kind = type_name(f.type)
+    default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
+    help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text.replace("%%", "%%")}
+    if kind.startswith("bool"):
+        group.add_argument(_flag(name), action="store_const", const=True, **kwargs)
+        return
+    if kind.startswith("list"):
+        kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+    elif kind.startswith("int"):
+        kwargs["type"] = int
+    elif kind.startswith("float"):
+        kwargs["type"] = float
+    kwargs["metavar"] = name.upper()
+    group.add_argument(_flag(name), **kwargs)
 
 
 def collect_train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from --config FILE, overridden by the flags given on the command line."""
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+    names = [f.name for f in config_fields()] + list(methods.all_settings())
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if "rank" in given:
         values.pop("budget", None)
     if "budget" in given:
@@ -66,15 +77,16 @@ def collect_train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    methods.load_plugins()  # $FWLORA_METHODS: a user's methods get their --method choice and flags
     parser = argparse.ArgumentParser(
         prog="fwlora",
-        description="Fisher-Weighted LoRA: train it, and compare it honestly with LoRA and AdaLoRA.",
+        description="Fisher-Weighted LoRA and Fisher-guided rank allocation: train them, and compare them honestly with LoRA and AdaLoRA.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    train = sub.add_parser("train", help="train one model (LoRA, AdaLoRA or FW-LoRA) on one GLUE task",
+    train = sub.add_parser("train", help="train one model with one method on one task",
                            description="Train one run and write its directory: config.json, result.json "
                                        "(metrics, timings, per-matrix statistics), adapter/.",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(train)
     train.set_defaults(handler=cmd_train)
 
-    from fwlora import bench, report, sweep
+    from fwlora.cli import bench, report, sweep
 
     bench.add_parser(sub)
     report.add_parser(sub)
@@ -93,20 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fwlora.train import quiet_transformers, train
+    from fwlora.rundir import quiet_transformers
+    from fwlora.train import train
 
     cfg = TrainConfig.from_dict(collect_train_settings(args), source=args.config or "command line")
     with quiet_transformers():
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    final, metric = result["final"], result["metric"]
-    print(f"{cfg.task} {cfg.method}: final {metric} {final[metric]:.4f} (best {result['best'][metric]:.4f} "
-          f"at epoch {result['best']['epoch']}), training {result['timing']['train_seconds']:.1f} s, "
-          f"rank {result['budget']['rank']} = {result['budget']['percent']:.3f} % of the backbone -> {cfg.output_dir}")
+        record = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    metric = record.metric
+    print(f"{cfg.task} {cfg.method}: final {metric} {record.metric_value('final'):.4f} (best "
+          f"{record.metric_value('best'):.4f} at epoch {record.best['epoch']}), training "
+          f"{record.timing['train_seconds']:.1f} s, rank {record.budget['rank']} = {record.budget['percent']:.3f} % "
+          f"of the backbone -> {cfg.output_dir}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except UserError as e:  # a plug-in named in $FWLORA_METHODS that cannot be imported
+        print(f"fwlora: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

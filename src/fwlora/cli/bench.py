@@ -1,0 +1,90 @@
+"""`fwlora bench`: arguments and output of the grid runner (fwlora.bench does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fwlora import methods
+from fwlora.bench import check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
+from fwlora.errors import UserError
+from fwlora.records import run_status, write_bench
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="run methods over tasks, budgets and seeds, then report",
+        description="Run the comparison grid (resumable: complete runs are skipped, an interrupted run "
+                    "continues from its checkpoint, a failed run is recorded and retried on the next call), "
+                    "then write the report into the output directory and print its main table.",
+        epilog="presets: " + ", ".join(preset_names()) + " (see src/fwlora/presets/; a path to your own YAML works too)\n"
+               "examples:\n  fwlora bench --preset quick --output-dir runs/quick\n"
+               "  fwlora bench --preset cpu --output-dir runs/cpu\n"
+               "  fwlora bench --tasks cola,sst2 --methods lora,adalora,fwlora --budgets 0.1,0.2,0.5 --seeds 3 \\\n"
+               "      --set model=roberta-base --output-dir runs/mine",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="a named preset or a YAML file (grid + shared training settings)")
+    p.add_argument("--output-dir", required=True, help="where the run directories and the report go")
+    p.add_argument("--tasks", help="comma-separated GLUE tasks (overrides the preset)")
+    p.add_argument("--methods", help="comma-separated methods (" + ", ".join(methods.names()) +
+                   ") or the preset's variants")
+    p.add_argument("--budgets", help="comma-separated budgets in %% of the backbone")
+    p.add_argument("--ranks", help="comma-separated LoRA ranks (instead of budgets)")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    p.add_argument("--data-dir", help="GLUE directory (default: $FWLORA_DATA_DIR, then the hub)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting for every run (YAML value), e.g. --set epochs=1; repeatable")
+    p.add_argument("--no-retry-failed", action="store_true", help="leave runs recorded as failed alone")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.set_defaults(handler=cmd_bench)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: cannot read the value") from None
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fwlora import report
+    from fwlora.rundir import quiet_transformers
+
+    preset = load_preset(args.preset) if args.preset else {"source": "command line"}
+    train_overrides = parse_sets(args.set)
+    if args.data_dir:
+        train_overrides["data_dir"] = args.data_dir
+    output_dir = Path(args.output_dir)
+    cells = plan(preset, output_dir, {"tasks": args.tasks, "methods": args.methods, "budgets": args.budgets,
+                                      "ranks": args.ranks, "seeds": args.seeds}, train_overrides)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.key:40s} {run_status(Path(c.config.output_dir)) or 'to run'}")
+        return 0
+    check_existing(cells)
+    with quiet_transformers():
+        warn_colliding_budgets(cells)
+        write_bench(output_dir, {"command": " ".join(["fwlora"] + sys.argv[1:]), "preset": preset,
+                                 "set": train_overrides, "runs": [c.key for c in cells]})
+        statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed)
+    failed = [k for k, s in statuses.items() if s != "complete"]
+    if not args.no_report:
+        summary = report.write_report([output_dir], output_dir / "report")
+        print(summary["main_table"])
+        print(f"\nreport: {output_dir / 'report' / 'report.md'}")
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: " + ", ".join(failed) + " (errors in their result.json; "
+              "run the same command again to retry)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,163 @@
+"""The interface every method implements, in the spirit of PEFT's tuners: a settings dataclass plus the
+code that applies it. The training loop (fwlora.train) only ever calls these hooks, in this order:
+
+    method = MethodClass(settings, run)         # settings validated where built
+    notes = method.check()                      # before anything is built: refuse or warn (UserError)
+    peft_model = method.build(model)            # the PEFT model for the run's budget
+    method.attach(unwrapped_peft_model)         # after Accelerate has prepared it (hooks, state on device)
+    per micro-batch:   loss = task_loss + method.extra_loss()      (None: no extra term)
+    per optimizer step, after the last backward:
+        clip -> method.before_optimizer_step(step, grad_scale) -> optimizer.step()
+             -> changed = method.after_optimizer_step(step) -> (changed: the loop refreshes the optimizer)
+             -> scheduler.step() -> zero_grad
+    checkpoint:  method.save_state(dir) / method.load_state(dir)   (load before the trainable weights)
+    end:         method.save_adapter_extras(adapter_dir); method.summary(); method.matrix_columns(); close()
+
+`step` is the 0-based index of the optimizer step being closed. A method that changes the set or the
+shapes of trainable parameters returns True from after_optimizer_step (and from load_state): the loop
+then re-reads the model's trainable parameters and carries optimizer state for the ones still present.
+
+Settings: the fields of `Settings` (a dataclass, help text in field metadata, checks in __post_init__)
+become training settings named `flat_name(field)`: `prefix + field` unless `flat_names` says otherwise.
+Fields listed in `run_fields` are filled from the run (its seed, its rank), not by the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may know of the run it is part of."""
+
+    total_steps: int  # optimizer steps of the whole run
+    seed: int
+    rank: int  # the budget's LoRA rank (LoRA's r; AdaLoRA's target_r)
+    adapter_params: int  # LoRA's adapter size at that rank: the parameter budget
+    targets: list[str]  # target-module suffixes
+    modules_to_save: list[str]  # the task head, trained in full by every method
+    lora_alpha: float | None  # the user's --lora-alpha, None for the method's default
+    lora_dropout: float
+    task_type: str | None = None  # PEFT task type ("SEQ_CLS", "CAUSAL_LM") or None for a custom head
+
+
+@dataclass
+class NoSettings:
+    """A method without settings of its own."""
+
+
+class Method:
+    """Base class: plain behaviour (no extra loss, nothing per step, no state). Subclasses override."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # how reports print it
+    Settings: ClassVar[type] = NoSettings
+    prefix: ClassVar[str] = ""
+    flat_names: ClassVar[dict[str, str]] = {}
+    run_fields: ClassVar[tuple[str, ...]] = ()
+    # the sweep's default search space for this method's own settings (flat name -> sweep entry)
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, settings: Any, run: RunInfo):
+        self.settings = settings
+        self.run = run
+        self.model: nn.Module | None = None
+
+    # ---- settings ----------------------------------------------------------------------------------
+
+    @classmethod
+    def setting_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls.Settings) if f.name not in cls.run_fields]
+
+    @classmethod
+    def flat_name(cls, field_name: str) -> str:
+        return cls.flat_names.get(field_name, cls.prefix + field_name)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """{flat name: default} of the user-facing settings."""
+        out = {}
+        for f in cls.setting_fields():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[cls.flat_name(f.name)] = default
+        return out
+
+    @classmethod
+    def make_settings(cls, flat: dict[str, Any], run: RunInfo | None = None) -> Any:
+        """Build (and so validate) the settings from flat training settings; run fields from the run."""
+        values = {f.name: flat[cls.flat_name(f.name)] for f in cls.setting_fields() if cls.flat_name(f.name) in flat}
+        if run is not None:
+            values.update(cls.run_values(run))
+        return cls.Settings(**values)
+
+    @classmethod
+    def run_values(cls, run: RunInfo) -> dict[str, Any]:
+        """Values of the run_fields (default: a `seed` field gets the run's seed)."""
+        return {"seed": run.seed} if "seed" in cls.run_fields else {}
+
+    # ---- the hooks the loop calls ---------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Refuse settings that cannot work for this run (raise UserError), or return notes to record."""
+        return []
+
+    def build(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the (unwrapped) PEFT model the loop trains, on its device."""
+        self.model = model
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> bool:
+        return False
+
+    def warmup_steps(self) -> int | None:
+        """Optimizer steps that cost more than a plain step (a measuring warm-up), for the timing split."""
+        return None
+
+    def save_state(self, directory: Path) -> None:
+        pass
+
+    def load_state(self, directory: Path) -> bool:
+        """Restore the state saved by save_state; True when the trainable parameters changed shape."""
+        return False
+
+    def save_adapter_extras(self, directory: Path) -> None:
+        """Anything to keep next to the saved PEFT adapter."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the method adds to result.json under method_info (resolved settings, final ranks, ...)."""
+        return {}
+
+    def matrix_columns(self) -> dict[str, dict[str, float]]:
+        """Per-matrix values for result.json's matrix table: {column: {module name: value}}."""
+        return {}
+
+    def close(self) -> None:
+        """Detach hooks; the model stays as it is."""
+
+
+def lora_config(run: RunInfo, rank: int, lora_alpha: float, **extra: Any) -> Any:
+    """PEFT's LoraConfig on the run's targets, the head trained in full."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(run.targets), lora_dropout=run.lora_dropout,
+                      modules_to_save=list(run.modules_to_save) or None, task_type=run.task_type, **extra)
+
+
+def with_help(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by --help and in the README's settings tables)."""
+    return field(default=default, metadata={"help": help})

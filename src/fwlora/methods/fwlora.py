@@ -1,0 +1,94 @@
+"""FW-LoRA as a plug-in: LoRA plus the Fisher-weighted penalty of fwlora.method (the math lives there).
+
+Its settings are FWLoRAConfig's fields (names, defaults, help and checks), as training settings named
+`lambda_fw` and `fw_<field>`; the sketch seed is the run's seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fwlora.errors import UserError
+from fwlora.method import FisherWeightedLoRA, FWLoRAConfig
+from fwlora.methods import register
+from fwlora.methods.base import Method, lora_config
+from fwlora.methods.lora import default_alpha
+
+
+@dataclass
+class FWLoRASettings(FWLoRAConfig):
+    allow_late_penalty: bool = field(default=False, metadata={
+        "help": "allow warmup_steps >= the run's optimizer steps (the penalty would never start)"})
+
+    def to_config(self) -> FWLoRAConfig:
+        return FWLoRAConfig(**{f.name: getattr(self, f.name) for f in fields(FWLoRAConfig)})
+
+
+@register
+class FWLoRA(Method):
+    name, label = "fwlora", "FW-LoRA"
+    Settings = FWLoRASettings
+    prefix = "fw_"
+    flat_names = {"lambda_fw": "lambda_fw", "allow_late_penalty": "allow_late_penalty"}
+    run_fields = ("seed",)
+    search_space = {
+        "lambda_fw": {"type": "float", "low": 5e-5, "high": 5e-4, "log": True},
+        "fw_warmup_steps": {"type": "categorical", "choices": [300, 500, 800]},
+    }
+
+    def check(self) -> list[str]:
+        k, total = self.settings.warmup_steps, self.run.total_steps
+        if k < total:
+            return []
+        msg = (f"fw-warmup-steps = {k} >= the run's {total} optimizer steps: "
+               "the FW-LoRA penalty would never start (this run would be plain LoRA)")
+        if not self.settings.allow_late_penalty:
+            raise UserError(msg + "; lower --fw-warmup-steps, or pass --allow-late-penalty")
+        return [msg]
+
+    def build(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        self.lora_alpha = self.run.lora_alpha or default_alpha(self.run.rank)
+        return get_peft_model(model, lora_config(self.run, self.run.rank, self.lora_alpha))
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        self.fw = FisherWeightedLoRA(model, self.settings.to_config())
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.fw.penalty()
+
+    def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
+        self.fw.step(grad_scale=grad_scale)
+
+    def warmup_steps(self) -> int | None:
+        return self.settings.warmup_steps
+
+    def save_state(self, directory: Path) -> None:
+        self.fw.save(directory)
+
+    def load_state(self, directory: Path) -> bool:
+        self.fw.load(directory)
+        return False
+
+    save_adapter_extras = save_state
+
+    def summary(self) -> dict[str, Any]:
+        importance = list(self.fw.importance.values())
+        return {"lora_alpha": self.lora_alpha, "measure_every": self.fw.config.measure_every,
+                "importance_median": statistics.median(importance) if importance else None}
+
+    def matrix_columns(self) -> dict[str, dict[str, float]]:
+        short = {n: n.removeprefix("base_model.model.") for n in self.fw.names}
+        return {"fisher": {short[n]: v for n, v in self.fw.fisher.items()},
+                "importance": {short[n]: v for n, v in self.fw.importance.items()}}
+
+    def close(self) -> None:
+        self.fw.remove()

@@ -1,0 +1,175 @@
+"""The run directory and its record: the only reader and writer of config.json and result.json.
+
+A run directory holds
+    config.json   the TrainConfig and the environment, written when the run starts
+    result.json   the RunRecord, written when the run ends (complete, failed, interrupted or pruned)
+    checkpoint/   the state to resume from (deleted once the run is complete)
+    adapter/      the trained PEFT adapter (+ the method's own state)
+A bench directory adds bench.json (the grid and its command).
+
+result.json carries `schema_version`. Version 1 (release 1) had no version field and kept AdaLoRA's
+settings under "adalora"; `RunRecord.from_dict` reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fwlora.files import read_json, write_json
+
+SCHEMA_VERSION = 2
+CONFIG_FILE, RESULT_FILE, BENCH_FILE = "config.json", "result.json", "bench.json"
+CHECKPOINT_DIR, ADAPTER_DIR = "checkpoint", "adapter"
+
+
+class Status(str, enum.Enum):
+    """Where a run stands. RUNNING: config.json only (started, or killed without a trace)."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    PRUNED = "pruned"
+    RUNNING = "running"
+    UNREADABLE = "unreadable"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class RunRecord:
+    """result.json, typed. A complete run fills every field; an unfinished one the identity fields, the
+    status, and whatever it got to (epochs so far, the failing step, the error)."""
+
+    status: Status
+    task: str
+    method: str
+    seed: int
+    config: dict[str, Any]
+    metric: str | None = None
+    higher_is_better: bool = True
+    final: dict[str, Any] | None = None  # the last epoch's evaluation
+    best: dict[str, Any] | None = None  # the best epoch by the headline metric
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1
+    budget: dict[str, Any] = field(default_factory=dict)
+    method_info: dict[str, Any] = field(default_factory=dict)  # what the method adds (its resolved settings, ranks)
+    timing: dict[str, Any] = field(default_factory=dict)
+    matrices: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None  # optimizer step at which a failed/interrupted run stopped
+    error: str | None = None
+    traceback: str | None = None
+    reason: str | None = None  # why a sweep pruned it
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["status"] = str(self.status)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        """Read any schema version; unknown keys are ignored (a newer writer), missing ones defaulted."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        values = dict(data)
+        version = int(values.get("schema_version", 1))
+        if version == 1:
+            legacy = values.pop("adalora", None)
+            if legacy:
+                values["method_info"] = legacy
+        config = values.get("config") if isinstance(values.get("config"), dict) else {}
+        values["config"] = config
+        for key in ("task", "method", "seed"):
+            if values.get(key) is None:
+                values[key] = config.get(key)
+        if values["task"] is None or values["method"] is None or values["seed"] is None:
+            raise ValueError("cannot tell its task, method and seed")
+        try:
+            values["status"] = Status(values.get("status", "unreadable"))
+        except ValueError:
+            values["status"] = Status.UNREADABLE
+        values["seed"] = int(values["seed"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in names and v is not None}
+        kept["schema_version"] = version
+        return cls(**kept)
+
+    def metric_value(self, which: str = "final") -> float | None:
+        """The headline metric of the final or best epoch (None when absent or not a number)."""
+        entry = getattr(self, which) or {}
+        value = entry.get(self.metric) if self.metric else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def check_complete(self) -> None:
+        """Raise (KeyError/TypeError/ValueError) when a 'complete' record lacks what a report needs."""
+        if self.metric is None:
+            raise KeyError("metric")
+        float(self.final[self.metric])  # type: ignore[index]
+        float(self.best[self.metric])  # type: ignore[index]
+        self.timing["train_seconds"]
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def write_config(run_dir: Path, config: dict[str, Any], env: dict[str, Any]) -> Path:
+    return write_json(Path(run_dir) / CONFIG_FILE, {"config": config, "env": env, "schema_version": SCHEMA_VERSION})
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The TrainConfig dict a run directory was started with; None when there is no config.json."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no configuration")
+    return config
+
+
+def write_result(run_dir: Path, record: RunRecord) -> Path:
+    return write_json(Path(run_dir) / RESULT_FILE, record.to_dict())
+
+
+def read_result(run_dir: Path) -> RunRecord | None:
+    """The run's record; None when it has not finished (no result.json). Raises OSError/ValueError for an
+    unreadable file."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return RunRecord.from_dict(read_json(path))
+
+
+def run_status(run_dir: Path) -> Status | None:
+    """COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING (started, no result yet), UNREADABLE, or None for a
+    directory that holds no run."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULT_FILE).is_file():
+        try:
+            record = read_result(run_dir)
+        except (OSError, ValueError):
+            return Status.UNREADABLE
+        return record.status if record is not None else Status.UNREADABLE
+    return Status.RUNNING if (run_dir / CONFIG_FILE).is_file() else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / RESULT_FILE).is_file() or (Path(path) / CONFIG_FILE).is_file()
+
+
+def write_bench(output_dir: Path, info: dict[str, Any]) -> Path:
+    return write_json(Path(output_dir) / BENCH_FILE, {**info, "schema_version": SCHEMA_VERSION})
+
+
+def read_bench(output_dir: Path) -> dict[str, Any] | None:
+    path = Path(output_dir) / BENCH_FILE
+    return read_json(path) if path.is_file() else None

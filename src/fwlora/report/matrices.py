@@ -1,0 +1,106 @@
+"""Per-matrix numbers of one cell: METHOD.md's first open question (does FW-LoRA's (1 - I_m) weighting
+reallocate the budget, or is it a near-uniform decay on dW?) and the final rank patterns of the methods
+that allocate ranks (AdaLoRA's "adalora_rank", fwrank's "fwrank_rank")."""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from typing import Any
+
+from fwlora import analysis
+from fwlora.records import RunRecord
+from fwlora.report.stats import finite
+
+# per-matrix columns that hold a method's final rank
+RANK_COLUMNS = ("adalora_rank", "fwrank_rank")
+
+
+def _by_name(rec: RunRecord) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in rec.matrices or [] if m.get("name")}
+
+
+def first_label(method_of: dict[str, str], method: str) -> str | None:
+    """The column of a method's own runs (its name) or else its first variant."""
+    if method_of.get(method) == method:
+        return method
+    return next((lb for lb, m in method_of.items() if m == method), None)
+
+
+def _shifts(base: dict[int, RunRecord], other: dict[int, RunRecord], with_importance: bool) -> dict[str, Any]:
+    """log(‖dW‖ other / ‖dW‖ base) per matrix, matched by name within a seed, summarised per seed."""
+    rows = []
+    for seed in sorted(set(other) & set(base)):
+        a, b = _by_name(base[seed]), _by_name(other[seed])
+        names = [n for n in a if n in b]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = analysis.log_norm_shift([a[n].get("fro_norm") or 0.0 for n in names],
+                                        [b[n].get("fro_norm") or 0.0 for n in names])
+        s["seed"] = seed
+        if with_importance:
+            s.update({f"importance_{k}": v for k, v in analysis.importance_shrink_correlation(
+                [b[n].get("importance") for n in names], [a[n].get("fro_norm") for n in names],
+                [b[n].get("fro_norm") for n in names]).items()})
+        rows.append(s)
+    if not rows:
+        return {"pairs": 0}
+    agg: dict[str, Any] = {"pairs": len(rows), "by_seed": rows}
+    for k in ("mean_log_ratio", "std_log_ratio", "geometric_mean_ratio", "spearman", "importance_spearman"):
+        vals = finite([r.get(k) for r in rows])
+        if vals:
+            agg[k] = statistics.fmean(vals)
+    return agg
+
+
+def rank_pattern(records: list[RunRecord], column: str) -> dict[str, Any] | None:
+    """Spread of a final-rank column over matrices and seeds, the share pruned to 0, the mean total."""
+    ranks = [finite([m.get(column) for m in r.matrices or []]) for r in records]
+    ranks = [r for r in ranks if r]
+    if not ranks:
+        return None
+    flat = [v for r in ranks for v in r]
+    return analysis.spread(flat) | {"zero_fraction": sum(v == 0 for v in flat) / len(flat), "column": column,
+                                    "total_mean": statistics.fmean(sum(r) for r in ranks), "matrices": len(ranks[0])}
+
+
+def matrix_question(done: dict[str, dict[int, RunRecord]], method_of: dict[str, str], reference: str) -> dict[str, Any]:
+    """The open question for one (task, budget): numbers from FW-LoRA's I_m and from ‖dW_m‖ matched by
+    matrix name with the reference's run of the same seed (AdaLoRA's shift given as the scale of a
+    method that does reallocate); effective ranks of every column; final rank patterns."""
+    fw_label, ada_label = first_label(method_of, "fwlora"), first_label(method_of, "adalora")
+    fw = done.get(fw_label, {}) if fw_label else {}
+    base = done.get(reference, {})
+    ada = done.get(ada_label, {}) if ada_label else {}
+    out: dict[str, Any] = {"fw_runs": len(fw), "fw_label": fw_label}
+    per_run_i, per_run_w = [], []
+    for rec in fw.values():
+        imp = finite([m.get("importance") for m in rec.matrices or []])
+        if imp:
+            per_run_i.append(analysis.spread(imp) | {"max_over_min": max(imp) / min(imp) if min(imp) > 0 else None,
+                                                     "matrices": len(imp)})
+            per_run_w.append(analysis.uniformity_of_weights(imp))
+    if per_run_i:
+        keys_i = ("min", "median", "max", "max_over_min", "matrices")
+        out["importance"] = {k: statistics.fmean(finite([s.get(k) for s in per_run_i]) or [float("nan")]) for k in keys_i}
+        out["importance"]["uniform"] = 1.0 / out["importance"]["matrices"] if out["importance"]["matrices"] else None
+        out["weights"] = {k: statistics.fmean(finite([s.get(k) for s in per_run_w]) or [float("nan")])
+                          for k in ("min", "median", "max", "relative_range")}
+        out["weights"]["relative_range_by_seed"] = [s.get("relative_range") for s in per_run_w]
+    out["fw_vs_lora"] = _shifts(base, fw, with_importance=True)
+    out["adalora_vs_lora"] = _shifts(base, ada, with_importance=False)
+    out["effective_rank"] = {}
+    for label, runs in done.items():
+        vals = finite([m.get("effective_rank") for r in runs.values() for m in r.matrices or []])
+        if vals:
+            out["effective_rank"][label] = analysis.spread(vals)
+    out["ranks"] = {}
+    for label, runs in done.items():
+        for column in RANK_COLUMNS:
+            pattern = rank_pattern(list(runs.values()), column)
+            if pattern:
+                out["ranks"][label] = pattern
+                break
+    if ada_label in out["ranks"]:
+        out["adalora_rank"] = out["ranks"][ada_label]
+    return out

@@ -1,0 +1,117 @@
+"""The run directory around the training loop: where a number came from (environment), whether a
+directory may be used or resumed (prepare_run_dir), and quiet third-party logging.
+File names and the record itself belong to records.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fwlora.config import TrainConfig
+from fwlora.errors import UserError
+from fwlora.records import CHECKPOINT_DIR, Status, read_config, run_status
+
+log = logging.getLogger(__name__)
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git commit and machine: enough to tell where a number came from."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                 cwd=Path(__file__).resolve().parent)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: version(p) for p in ("fwlora", "torch", "transformers", "peft", "accelerate", "datasets")},
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "command": " ".join(sys.argv),
+    }
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
+    """Claim cfg.output_dir; return True when a checkpoint there should be resumed.
+
+    A directory holding another configuration is refused unless --overwrite; an unfinished run of the
+    same configuration needs --resume (or --overwrite) so that finished work is never lost by accident.
+    """
+    run_dir = Path(cfg.output_dir)
+    old = read_config(run_dir)
+    if old is None:
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+            raise UserError(f"{run_dir} is not empty and holds no fwlora run: choose another --output-dir or pass --overwrite")
+        if overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        return False
+    if overwrite:
+        shutil.rmtree(run_dir)
+        return False
+    diff = config_difference(old, cfg)
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:6])
+        raise UserError(f"{run_dir} holds a run with a different configuration ({shown}); "
+                        "use another --output-dir, or --overwrite to replace it")
+    status = run_status(run_dir)
+    if status == Status.COMPLETE:
+        raise UserError(f"{run_dir} already holds this run, complete; pass --overwrite to train it again")
+    if not resume:
+        raise UserError(f"{run_dir} holds an unfinished run of this configuration ({status}); "
+                        "pass --resume to continue it or --overwrite to start again")
+    checkpoint, previous = run_dir / CHECKPOINT_DIR, run_dir / (CHECKPOINT_DIR + ".old")
+    if not checkpoint.is_dir() and previous.is_dir():
+        previous.rename(checkpoint)  # stopped between save_checkpoint's two renames: the old one is whole
+    if not checkpoint.is_dir():
+        log.warning("%s has no checkpoint (stopped before its first one): starting the run from the beginning", run_dir)
+    return checkpoint.is_dir()
+
+
+def config_difference(old: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every setting that decides the result and differs. A key an older run
+    directory lacks counts as its default; keys of other methods (release 1 wrote every method's
+    settings into every run) are not this run's."""
+    new = cfg.identity()
+    try:
+        defaults = TrainConfig.from_dict({"method": cfg.method}).identity()
+    except UserError:
+        defaults = {}
+    return [(k, old.get(k, defaults.get(k)), v) for k, v in sorted(new.items()) if old.get(k, defaults.get(k)) != v]
+
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' and PEFT's per-run chatter (newly initialised head weights etc.)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        transformers.logging.enable_progress_bar()
