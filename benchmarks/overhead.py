@@ -148,7 +148,8 @@ def agreement(args, device) -> dict:
     k = args.agreement_steps
     estimators = {"exact": FWLoRAConfig(warmup_steps=k, measure_every=1)}
     for p in (2, args.sketch_size, 32):
-        estimators[f"sketch p={p}"] = FWLoRAConfig(warmup_steps=k, estimator="sketch", sketch_size=p, seed=p)
+        estimators[f"sketch p={p}"] = FWLoRAConfig(warmup_steps=k, estimator="sketch", sketch_size=p, seed=p,
+                                                   measure_every=1)
     for every in [e for e in (args.every, 4 * args.every) if e <= k]:
         estimators[f"exact, every {every}"] = FWLoRAConfig(warmup_steps=k, measure_every=every)
     if args.every <= k:

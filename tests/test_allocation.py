@@ -217,7 +217,7 @@ def test_refresh_optimizer_with_several_groups():
 def test_exact_statistic_equals_autograd_second_moment_and_fwlora_fisher():
     model = lora(tiny_bert(), r=2)
     fr = FisherRankAllocation(model, FWRankConfig(warmup_steps=10, beta=0.8, sketch_size=0, target_rank=2, measure_every=1))
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=10, beta=0.8, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=10, beta=0.8, measure_every=1, estimator="exact"))
     weights = {n: layer.get_base_layer().weight for n, layer in fr.layers.items()}
     for w in weights.values():
         w.requires_grad_(True)
@@ -245,7 +245,7 @@ def test_measuring_every_k_steps_uses_beta_to_the_k_and_matches_fwlora():
     F_m under the same schedule (an independent implementation of the same rule)."""
     model = lora(tiny_bert(), r=2)
     fr = FisherRankAllocation(model, FWRankConfig(warmup_steps=7, beta=0.9, sketch_size=0, target_rank=2, measure_every=3))
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=7, beta=0.9, measure_every=3))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=7, beta=0.9, measure_every=3, estimator="exact"))
     weights = {n: layer.get_base_layer().weight for n, layer in fr.layers.items()}
     for w in weights.values():
         w.requires_grad_(True)

@@ -35,7 +35,7 @@ def run_trainer(tmp_path, accumulation: int, steps: int, warmup: int, lam: float
                              logging_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_drop_last=True,
                              disable_tqdm=True, weight_decay=0.0)
     trainer = FWLoRATrainer(model=model, args=args, train_dataset=data,
-                            fw_config=FWLoRAConfig(warmup_steps=warmup, lambda_fw=lam))
+                            fw_config=FWLoRAConfig(warmup_steps=warmup, lambda_fw=lam, estimator="exact"))
     trainer.train()
     return trainer
 
@@ -44,7 +44,7 @@ def plain_loop(steps: int, warmup: int, lam: float = 5.0):
     """The same training written by hand (AdamW, constant lr, batches of 16 in order)."""
     torch.manual_seed(0)
     model = lora(tiny_bert(dtype=torch.float32))
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=warmup, lambda_fw=lam))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=warmup, lambda_fw=lam, estimator="exact"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.0)
     data = batch(n=16 * steps, seed=1)

@@ -23,7 +23,7 @@ def base_weight_grads(peft_model, fw):
 
 def test_fisher_after_one_step_equals_autograd_float64():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3, beta=0.9, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3, beta=0.9, measure_every=1, estimator="exact"))
     weights = base_weight_grads(model, fw)
     model(**batch()).loss.backward()
     fw.step()
@@ -37,7 +37,7 @@ def test_fisher_after_one_step_equals_autograd_float64():
 def test_fisher_is_an_ema_over_steps_with_training_in_between():
     torch.manual_seed(0)
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=10, beta=0.8, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=10, beta=0.8, measure_every=1, estimator="exact"))
     weights = base_weight_grads(model, fw)
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.5)
     ema = {n: 0.0 for n in fw.names}
@@ -75,7 +75,7 @@ def test_per_micro_batch_norms_would_differ():
     """The check above can fail: summing per-micro-batch norms (the wrong statistic) differs."""
     full = batch(n=32, seed=3)
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1, estimator="exact"))
     weights = base_weight_grads(model, fw)
     wrong = {n: 0.0 for n in fw.names}
     for half in (slice(0, 16), slice(16, 32)):
@@ -89,7 +89,7 @@ def test_per_micro_batch_norms_would_differ():
 
 def test_sketch_estimate_is_unbiased_and_tracks_exact():
     model = lora(tiny_bert())
-    exact = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=500, beta=0.5, measure_every=1))
+    exact = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=500, beta=0.5, measure_every=1, estimator="exact"))
     model(**batch(n=16)).loss.backward()
     exact.step()
     exact.remove()
@@ -109,7 +109,7 @@ def test_sketch_estimate_is_unbiased_and_tracks_exact():
 
 def test_measure_every_k_uses_beta_to_the_k():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=6, beta=0.9, measure_every=3))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=6, beta=0.9, measure_every=3, estimator="exact"))
     weights = base_weight_grads(model, fw)
     expected = {n: 0.0 for n in fw.names}
     for step in range(6):
@@ -140,7 +140,7 @@ def explicit_penalty(model, fw, lam):
 def test_penalty_and_its_gradients_equal_the_explicit_form(rslora, dropout):
     model = lora(tiny_bert(dropout=dropout), r=3, alpha=5.0, rslora=rslora, dropout=dropout)
     model.train()
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(lambda_fw=0.3, warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(lambda_fw=0.3, warmup_steps=1, estimator="exact"))
     model(**batch()).loss.backward()
     fw.step()
     model.zero_grad()
@@ -173,7 +173,7 @@ def test_closed_form_gradients_of_the_gram_term():
 def test_penalty_is_of_dw_not_of_a_and_b():
     """Scaling A up and B down leaves ||dW|| (and the penalty) unchanged; ||A||^2 + ||B||^2 changes."""
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, estimator="exact"))
     model(**batch()).loss.backward()
     fw.step()
     before = fw.penalty().item()
@@ -188,7 +188,7 @@ def test_warmup_boundary_and_frozen_importance():
     torch.manual_seed(0)
     model = lora(tiny_bert())
     k = 3
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=k, lambda_fw=1.0, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=k, lambda_fw=1.0, measure_every=1, estimator="exact"))
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.1)
     for step in range(1, k + 1):
         penalty = fw.penalty()
@@ -202,7 +202,7 @@ def test_warmup_boundary_and_frozen_importance():
     importance, fisher = fw.importance, fw.fisher
     assert sum(importance.values()) == pytest.approx(1.0)
     assert importance == pytest.approx({n: f / sum(fisher.values()) for n, f in fisher.items()})
-    assert fw._handles == []  # no measuring after warm-up: zero overhead
+    assert fw._hooks._handles == []  # no measuring after warm-up: zero overhead
     for step in range(3):  # penalty from step K+1 on; F and I stay frozen
         penalty = fw.penalty()
         assert penalty.item() > 0 and penalty.requires_grad
@@ -215,7 +215,7 @@ def test_warmup_boundary_and_frozen_importance():
 
 def test_max_normalisation():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, normalization="max"))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, normalization="max", estimator="exact"))
     model(**batch()).loss.backward()
     fw.step()
     assert max(fw.importance.values()) == pytest.approx(1.0)
@@ -223,9 +223,29 @@ def test_max_normalisation():
     assert fw.importance[top] == 1.0
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_mean_normalisation_penalty_equals_a_float64_reference(gamma):
+    """'mean': w_m = (mean F / F_m)^gamma (a spread-out penalty; gamma 0 = uniform weights), checked by
+    materialising s B A in float64 and summing w_m ||dW_m||^2 by hand."""
+    model = lora(tiny_bert(), alpha=6.0)
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, normalization="mean", gamma=gamma, lambda_fw=0.7, estimator="exact"))
+    model(**batch()).loss.backward()
+    model.zero_grad()
+    fw.step()
+    fisher = {n: v for n, v in fw.fisher.items()}
+    mean = sum(fisher.values()) / len(fisher)
+    assert sum(fw.importance.values()) / len(fisher) == pytest.approx(1.0)  # I_m = F_m / mean F
+    want = 0.0
+    for name, layer in fw.layers.items():
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        delta = layer.scaling["default"] * (b @ a)
+        want += (mean / fisher[name]) ** gamma * float(delta.detach().square().sum())
+    assert float(fw.penalty()) == pytest.approx(0.7 * want, rel=1e-9)
+
+
 def test_warmup_keeps_no_weight_gradients():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1, estimator="exact"))
     model(**batch()).loss.backward()
     for layer in fw.layers.values():
         assert layer.get_base_layer().weight.grad is None
@@ -273,7 +293,7 @@ def test_adapter_stays_a_standard_peft_adapter(tmp_path):
     from peft import PeftModel
 
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, estimator="exact"))
     model(**batch()).loss.backward()
     fw.step()
     model.save_pretrained(tmp_path)
@@ -297,7 +317,7 @@ def test_causal_lm_from_a_tiny_random_config():
                       num_key_value_heads=1, max_position_embeddings=32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=2, target_modules=targets))
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, estimator="exact"))
     assert len(fw.names) == 2 * len(targets)
     weights = base_weight_grads(model, fw)
     ids = torch.randint(0, 64, (3, 10))
@@ -313,7 +333,7 @@ def test_custom_module_is_supported():
 
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).double()
     model = get_peft_model(net, LoraConfig(r=2, target_modules=["0", "2"]))
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, estimator="exact"))
     weights = base_weight_grads(model, fw)
     x = torch.randn(4, 5, dtype=torch.float64)
     model(x).pow(2).sum().backward()
@@ -334,12 +354,12 @@ def test_classification_head_is_never_adapted_by_fw():
 
 def test_grad_scale_is_divided_out_and_overflow_steps_skipped():
     model = lora(tiny_bert())
-    plain = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1))
+    plain = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1, estimator="exact"))
     model(**batch()).loss.backward()
     plain.step()
     plain.remove()
     model.zero_grad()
-    scaled = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1))
+    scaled = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=5, measure_every=1, estimator="exact"))
     (model(**batch()).loss * 1024.0).backward()
     scaled.step(grad_scale=1024.0)
     assert scaled.fisher == pytest.approx(plain.fisher, rel=1e-9)
@@ -367,7 +387,7 @@ def test_adalora_model_is_refused():
 
 def test_all_zero_fisher_names_the_problem():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, estimator="exact"))
     out = model(**batch())
     (out.logits.sum() * 0.0).backward()  # a loss that does not depend on the weights
     with pytest.raises(FWLoRAError, match="all Fisher scores are zero after 1 warm-up steps"):
@@ -375,14 +395,14 @@ def test_all_zero_fisher_names_the_problem():
 
 
 def test_step_without_backward_is_refused():
-    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2, measure_every=1))
+    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2, measure_every=1, estimator="exact"))
     with pytest.raises(FWLoRAError, match="no gradient reached"):
         fw.step()
 
 
 def test_non_finite_fisher_names_layer_and_step():
     model = lora(tiny_bert())
-    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3, measure_every=1))
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=3, measure_every=1, estimator="exact"))
     for step in range(3):
         loss = model(**batch(seed=step)).loss
         if step == 1:
@@ -410,8 +430,8 @@ def test_bad_config_values(kwargs, pattern):
 
 
 def test_state_of_another_model_is_refused(tmp_path):
-    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2, measure_every=1))
+    fw = FisherWeightedLoRA(lora(tiny_bert()), FWLoRAConfig(warmup_steps=2, measure_every=1, estimator="exact"))
     fw.save(tmp_path)
-    other = FisherWeightedLoRA(lora(tiny_bert(), targets=["query"]), FWLoRAConfig(warmup_steps=2, measure_every=1))
+    other = FisherWeightedLoRA(lora(tiny_bert(), targets=["query"]), FWLoRAConfig(warmup_steps=2, measure_every=1, estimator="exact"))
     with pytest.raises(FWLoRAError, match="other adapted layers"):
         other.load(tmp_path)

@@ -19,7 +19,7 @@ import pytest
 METHOD_SETTINGS = {
     "lora": {},
     "adalora": {},
-    "fwlora": {"fw_warmup_steps": 3, "lambda_fw": 1.0, "fw_measure_every": 1},
+    "fwlora": {"fw_warmup_steps": 3, "lambda_fw": 1.0, "fw_measure_every": 1, "fw_estimator": "exact"},
     "fwrank": {"fwrank_warmup_steps": 3, "fwrank_warmup_rank": 3, "fwrank_r_max": 4, "fwrank_measure_every": 1},
 }
 COMMON = dict(task="sst2", rank=2, train_limit=160, eval_limit=64, max_length=24, epochs=3, batch_size=16, lr=3e-2,

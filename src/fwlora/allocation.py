@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fwlora.method import (DEFAULT_MEASURE_EVERY, FWLoRAError, NonFiniteFisherError, _average_over_processes, _is_int,
-                           _is_real, _single_active_adapter, find_lora_layers)
+from fwlora.method import (DEFAULT_MEASURE_EVERY, FWLoRAError, GradientHooks, NonFiniteFisherError,
+                           _average_over_processes, _is_int, _is_real, _single_active_adapter, find_lora_layers)
 
 RANK_STATE_FILE = "fwrank_state.safetensors"
 
@@ -334,7 +334,7 @@ class FisherRankAllocation:
         self.last_resize: ResizeReport | None = None
         self._acc: dict[str, torch.Tensor] = {}
         self._omega: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._handles: list[Any] = []
+        self._hooks = GradientHooks(self.layers, self._measuring, self._accumulate)
         self._attach_hooks()
 
     @property
@@ -347,24 +347,11 @@ class FisherRankAllocation:
     # ---- warm-up statistic ----
 
     def _attach_hooks(self) -> None:
-        if self.in_warmup and not self._handles:
-            self._handles = [layer.register_forward_hook(self._make_hook(n, layer)) for n, layer in self.layers.items()]
+        if self.in_warmup:
+            self._hooks.attach()
 
     def _detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _make_hook(self, name: str, layer: nn.Module):
-        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not (torch.is_grad_enabled() and output.requires_grad and self._measuring()):
-                return
-            if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-                return
-            x = inputs[0].detach()
-            output.register_hook(lambda g: self._accumulate(name, x, g))
-
-        return forward_hook
+        self._hooks.detach()
 
     def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         """Fold a micro-batch into the layer's (n x k) accumulator: G^T / G (exact), (G Omega)^T / Omega'^T G."""

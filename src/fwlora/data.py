@@ -79,6 +79,28 @@ class Example:
     label: int
 
 
+def read_lines(path: Path, expected: str) -> list[str]:
+    """The lines of a UTF-8 data file (a leading BOM dropped, the final line end not a line), with errors
+    that name the file and line: unreadable, not UTF-8, empty (`expected` says what should be there)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if raw.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the data
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    if not text:
+        raise DataError(f"{path}: the file is empty (expected {expected})")
+    lines = text.split("\n")
+    if lines[-1] == "":  # the file's final line end
+        lines.pop()
+    return lines
+
+
 def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
     """Read one split; every malformed line is a DataError naming the file and line.
 
@@ -88,22 +110,7 @@ def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected <data-dir>/{spec.name}/{path.name})")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if raw.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the header
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    if not text:
-        raise DataError(f"{path}: the file is empty (expected a header {'<TAB>'.join(spec.header)})")
-    lines = text.split("\n")
-    if lines[-1] == "":  # the file's final line end
-        lines.pop()
+    lines = read_lines(path, f"a header {'<TAB>'.join(spec.header)}")
     rows = [line.removesuffix("\r").split("\t") for line in lines]
     header = rows[0]
     if tuple(header) != spec.header:

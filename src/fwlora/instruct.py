@@ -29,7 +29,6 @@ evaluation reference is the final number of the whole answer, cut or not.
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable
 
-from fwlora.data import CAUSAL_LM, resolve_data_dir
+from fwlora.data import CAUSAL_LM, read_lines, resolve_data_dir
 from fwlora.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -112,22 +111,7 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    if not text:
-        raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
+    lines = read_lines(path, "one JSON object per line")
     rows = []
     for lineno, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")

@@ -164,6 +164,7 @@ class Trainer:
 
     def __init__(self, s: Setup, run_dir: Path):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DataLoaderConfiguration
         from transformers import get_linear_schedule_with_warmup
 
@@ -171,6 +172,9 @@ class Trainer:
         # Under torchrun / accelerate launch without a GPU, Accelerate only sets up gloo data parallelism
         # when told the run is on the CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # Accelerate keeps one precision per process; a bench or sweep trains many runs in one process, and
+        # a run with another --mixed-precision would be refused. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=multi_cpu,
             gradient_accumulation_steps=self.cfg.grad_accum,
