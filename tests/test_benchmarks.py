@@ -52,3 +52,33 @@ def test_overhead_script_runs_every_variant_and_estimator(glue_dir, tmp_path):
     assert {"fwrank-warmup", "fwrank-warmup-every1", "fw-warmup-every"} <= set(result["steps"]["median_ratio"])
     assert all("fwrank" in row for row in result["whole_run"].values())
     assert any(name.startswith("fwrank trace") for name in result["agreement"]["estimators"])
+
+
+def test_fisher_profiles_figure_and_shares(tmp_path):
+    """Two backbones' synthetic FW-LoRA records -> one figure and the importance shares, summing to 1."""
+    import json
+    import subprocess
+
+    from fwlora.records import RunRecord, Status, write_result
+
+    def write(directory, model, kinds, layers):
+        rows = [{"name": f"m.layers.{layer}.{kind}", "layer": layer, "kind": kind, "importance": float(1 + i)}
+                for i, (layer, kind) in enumerate((layer, kind) for layer in range(layers) for kind in kinds)]
+        for seed in (0, 1):
+            run = directory / f"seed{seed}"
+            run.mkdir(parents=True)
+            write_result(run, RunRecord(status=Status.COMPLETE, task="sst2", method="fwlora", seed=seed,
+                                        config={"model": model}, matrices=rows))
+
+    write(tmp_path / "a", "minilm", ["attention.self.query", "output.dense"], 2)
+    write(tmp_path / "b", "smollm2", ["self_attn.q_proj", "mlp.down_proj"], 3)
+    out = tmp_path / "fig.png"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fisher_profiles.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert out.stat().st_size > 0 and record["minilm, sst2"]["runs"] == 2
+    for key in ("minilm, sst2", "smollm2, sst2"):
+        assert abs(sum(record[key]["by_kind"].values()) - 1) < 1e-9 and abs(sum(record[key]["by_depth"].values()) - 1) < 1e-9
+    # minilm: importances 1..4 over (0, q), (0, out), (1, q), (1, out): queries 1 + 3 of 10
+    assert abs(record["minilm, sst2"]["by_kind"]["query"] - 0.4) < 1e-9

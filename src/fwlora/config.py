@@ -36,7 +36,7 @@ class TrainConfig:
                    "(gsm8k, alpaca, dolly)")
     label: str | None = _f(None, "the name reports show this run under (a bench variant of a method); default: "
                            "the method's name")
-    method: str = _f("lora", "training method (see `fwlora train --help` for the list; plug-ins via $FWLORA_METHODS)")
+    method: str = _f("lora", "training method: a registered name (plug-ins via $FWLORA_METHODS)")
     model: str = _f("minilm", "backbone: 'minilm' (bundled, offline), 'mpnet' or 'smollm2' (offline after "
                     "`make backbones`), or a Hugging Face name/path, e.g. roberta-base, Qwen/Qwen3-0.6B")
     head: str = _f("auto", "classification head: 'model' (the architecture's own), 'mean' (mean pooling), "

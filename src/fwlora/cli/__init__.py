@@ -36,7 +36,7 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
     group = parser.add_argument_group("training settings (also accepted in --config FILE)")
     for f in config_fields():
         if f.name not in skip:
-            _add_flag(group, f.name, f)
+            _add_flag(group, f.name, f, choices=methods.names() if f.name == "method" else None)
     for cls in methods.REGISTRY.values():
         own = [f for f in cls.setting_fields() if cls.flat_name(f.name) not in skip]
         if own:
@@ -45,10 +45,11 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
                 _add_flag(method_group, cls.flat_name(f.name), f)
 
 
-def _add_flag(group: Any, name: str, f: Any) -> None:
+def _add_flag(group: Any, name: str, f: Any, choices: list[str] | None = None) -> None:
     kind = type_name(f.type)
     default = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
-    help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+    help_text = f.metadata.get("help", "") + (f"; one of {', '.join(choices)}" if choices else "") + \
+        ("" if default is None else f" (default: {default})")
     kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text.replace("%%", "%%")}
     if kind.startswith("bool"):
         group.add_argument(_flag(name), action="store_const", const=True, **kwargs)
