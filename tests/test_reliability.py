@@ -350,8 +350,6 @@ def test_report_marks_the_failed_bench_cell(failing_bench, tmp_path):
     out, argv = failing_bench
     if not (out / "bench.json").is_file():
         assert main(argv) == 1
-    if not hasattr(report, "write_report"):
-        pytest.skip("fwlora.report.write_report is not written yet")
     report.write_report([out], tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 complete, 1 failed" in text, text[:3000]
