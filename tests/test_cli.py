@@ -171,3 +171,21 @@ def test_subprocess_bad_data_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"fwlora: error: {glue / 'cola' / 'train.tsv'}:3: label 'maybe' is not an integer"]
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, glue_dir):
+    """`fwlora bench --dry-run ... | head -1`: the reader closes the pipe; fwlora ends quietly (141)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fwlora", "bench", "--tasks", "cola,sst2", "--methods", "lora,fwlora,fwrank",
+           "--ranks", "1,2,4", "--seeds", "300", "--data-dir", str(glue_dir), "--output-dir", str(tmp_path / "b"),
+           "--dry-run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout.readline().startswith("cola/r1/lora/seed0")
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in stderr and proc.returncode in (0, 141)
