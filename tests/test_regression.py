@@ -10,7 +10,6 @@ If a change is intended, re-record with the command above and say why in the com
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -121,6 +121,13 @@ class TrainConfig:
         self.method_options()  # its checks (a None default that depends on other settings stays None here;
         # the run records the value it resolved to in result.json's method_info)
 
+    def budget_percent(self) -> float | None:
+        """The adapter budget in % that picks the rank: None when --rank gives it; DEFAULT_BUDGET when
+        neither --rank nor --budget is given."""
+        if self.rank is not None:
+            return None
+        return self.budget if self.budget is not None else DEFAULT_BUDGET
+
     def method_options(self) -> Any:
         """The method's Settings object (validated; run-filled fields left at their defaults)."""
         return _method_settings(self.method, self.method_settings)

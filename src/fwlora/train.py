@@ -30,7 +30,7 @@ import torch
 
 from fwlora import analysis, methods, models
 from fwlora.budget import Budget, make_budget
-from fwlora.config import DEFAULT_BUDGET, TrainConfig
+from fwlora.config import TrainConfig
 from fwlora.data import get_task, subset
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.files import read_json, write_json
@@ -89,8 +89,7 @@ def setup(cfg: TrainConfig) -> Setup:
     model, tokenizer = models.load_backbone(cfg.model, task, head)
     targets = models.resolve_targets(model, cfg.target_modules)
     counts = models.count_params(model, targets)
-    percent = None if cfg.rank is not None else (cfg.budget if cfg.budget is not None else DEFAULT_BUDGET)
-    budget = make_budget(counts.per_rank, counts.backbone, counts.head, rank=cfg.rank, percent=percent)
+    budget = make_budget(counts.per_rank, counts.backbone, counts.head, rank=cfg.rank, percent=cfg.budget_percent())
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs

@@ -72,12 +72,10 @@ def budget_rank(cfg: TrainConfig) -> int:
     if cfg.rank is not None:
         return cfg.rank
     from fwlora.budget import make_budget
-    from fwlora.config import DEFAULT_BUDGET
     from fwlora.train import resolve_head
 
     per_rank, backbone, head = _backbone_counts(cfg.task, cfg.model, resolve_head(cfg), tuple(cfg.target_modules or ()))
-    percent = cfg.budget if cfg.budget is not None else DEFAULT_BUDGET
-    return make_budget(per_rank, backbone, head, rank=None, percent=percent).rank
+    return make_budget(per_rank, backbone, head, rank=None, percent=cfg.budget_percent()).rank
 
 
 def infeasible_reason(cfg: TrainConfig, n_train: int) -> str | None:
