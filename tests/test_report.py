@@ -241,7 +241,32 @@ def test_analysis_helpers():
     assert math.isnan(analysis.importance_shrink_correlation(imp, [1, 1, 1, 1], [0.5] * 4)["spearman"])
 
 
+def test_share_by_kind_and_rank_correlation_by_hand():
+    shares = analysis.share_by_kind({"enc.layer.0.attention.self.query": 1.0, "enc.layer.1.attention.self.query": 2.0,
+                                     "enc.layer.0.output.dense": 5.0, "enc.layer.1.output.dense": None})
+    assert shares == pytest.approx({"attention.self.query": 3 / 8, "output.dense": 5 / 8})
+    assert analysis.rank_correlation([1, 2, 3, None], [10, 30, 20, 0]) == pytest.approx(0.5)  # d = 0, 1, 1: 1 - 6*2/24
+    assert math.isnan(analysis.rank_correlation([1, 2], [1, 2]))
+
+
 # ---- the whole report on a synthetic bench ---------------------------------------------------------
+
+
+def test_importance_share_beside_update_share_by_hand(bench: Path, tmp_path: Path):
+    summary = report.write_report([bench], tmp_path / "out")
+    q = cell(summary["protocols"][0], "r1")["matrices"]["importance_vs_update"]
+    raw = {j: sum(importance_of(j, layer) for layer in range(LAYERS)) for j in range(len(KINDS))}
+    assert q["source"] == "fwlora" and q["seeds"] == 3
+    assert q["importance_share"] == pytest.approx({KINDS[j]: v / sum(raw.values()) for j, v in raw.items()})
+
+    def lora_share(seed: int) -> dict[str, float]:  # LoRA's norm in matrices(): 1 + 0.1 j + 0.05 layer + 0.01 seed
+        sq = {j: sum((1.0 + 0.1 * j + 0.05 * layer + 0.01 * seed) ** 2 for layer in range(LAYERS)) for j in raw}
+        return {KINDS[j]: v / sum(sq.values()) for j, v in sq.items()}
+
+    assert q["update_share"]["lora"] == pytest.approx(
+        {k: statistics.fmean(lora_share(s)[k] for s in range(3)) for k in KINDS})
+    assert q["spearman"]["lora"] == pytest.approx(1.0)  # both rise with the kind's index first, then the layer
+    assert "where the Fisher statistic points" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_report_numbers_match_hand_computations(bench: Path, tmp_path: Path):

@@ -162,6 +162,34 @@ def importance_shrink_correlation(importance: Sequence[float], norms_base: Seque
     return {"spearman": rho, "n": int(ok.sum())}
 
 
+def share_by_kind(values: dict[str, float | None]) -> dict[str, float]:
+    """{matrix name: non-negative value} -> {matrix type: share of the total}: which types of matrix a
+    quantity (Fisher importance, squared update norm, adapter parameters) sits on. Missing values count 0."""
+    totals: dict[str, float] = {}
+    for name, v in values.items():
+        kind = split_matrix_name(name)[1]
+        totals[kind] = totals.get(kind, 0.0) + (v if v is not None and math.isfinite(v) else 0.0)
+    whole = sum(totals.values())
+    return {k: (t / whole if whole > 0 else float("nan")) for k, t in totals.items()}
+
+
+def rank_correlation(a: Sequence[float | None], b: Sequence[float | None]) -> float:
+    """Spearman's rho of two per-matrix columns matched by position (pairs with a missing value left
+    out); NaN for fewer than 3 pairs or a constant column."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    x = np.asarray([np.nan if v is None else v for v in a], dtype=float)
+    y = np.asarray([np.nan if v is None else v for v in b], dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(x[ok], y[ok]).statistic)
+
+
 def order_kinds(kinds: Sequence[str]) -> list[str]:
     """Kinds in the order of the known architecture that covers most of them, the others after them as
     first seen."""

@@ -64,6 +64,41 @@ def rank_pattern(records: list[RunRecord], column: str) -> dict[str, Any] | None
                                     "total_mean": statistics.fmean(sum(r) for r in ranks), "matrices": len(ranks[0])}
 
 
+def importance_vs_update(done: dict[str, dict[int, RunRecord]], method_of: dict[str, str]) -> dict[str, Any] | None:
+    """Where the Fisher statistic points against where training puts its update: the share of the
+    importance I_m on each matrix type (FW-LoRA's runs, else fwrank's), the share of ||dW_m||^2 on each
+    type for every column, and Spearman(I_m, ||dW_m||) against each column's run of the same seed.
+    A rank-allocation rule driven by I_m is only as good as this agreement."""
+    source = next((lb for lb in (first_label(method_of, "fwlora"), first_label(method_of, "fwrank")) if lb in done), None)
+    if source is None:
+        return None
+    importance = {seed: {n: m.get("importance") for n, m in _by_name(rec).items()} for seed, rec in done[source].items()}
+    importance = {seed: v for seed, v in importance.items() if any(x is not None for x in v.values())}
+    if not importance:
+        return None
+
+    def mean_shares(per_seed: list[dict[str, float]]) -> dict[str, float]:
+        kinds = {k for s in per_seed for k in s}
+        return {k: statistics.fmean(finite([s.get(k) for s in per_seed]) or [float("nan")]) for k in kinds}
+
+    out: dict[str, Any] = {"source": source, "seeds": len(importance),
+                           "importance_share": mean_shares([analysis.share_by_kind(v) for v in importance.values()]),
+                           "update_share": {}, "spearman": {}}
+    for label, runs in done.items():
+        shares, rhos = [], []
+        for seed, rec in runs.items():
+            norms = {n: (m.get("fro_norm") or 0.0) ** 2 for n, m in _by_name(rec).items()}
+            shares.append(analysis.share_by_kind(norms))
+            if seed in importance:
+                names = [n for n in norms if n in importance[seed]]
+                rhos.append(analysis.rank_correlation([importance[seed][n] for n in names], [norms[n] for n in names]))
+        if shares:
+            out["update_share"][label] = mean_shares(shares)
+        if finite(rhos):
+            out["spearman"][label] = statistics.fmean(finite(rhos))
+    return out
+
+
 def matrix_question(done: dict[str, dict[int, RunRecord]], method_of: dict[str, str], reference: str) -> dict[str, Any]:
     """The open question for one (task, budget): numbers from FW-LoRA's I_m and from ‖dW_m‖ matched by
     matrix name with the reference's run of the same seed (AdaLoRA's shift given as the scale of a
@@ -101,6 +136,7 @@ def matrix_question(done: dict[str, dict[int, RunRecord]], method_of: dict[str, 
             if pattern:
                 out["ranks"][label] = pattern
                 break
+    out["importance_vs_update"] = importance_vs_update(done, method_of)
     if ada_label in out["ranks"]:
         out["adalora_rank"] = out["ranks"][ada_label]
     return out

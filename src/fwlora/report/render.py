@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fwlora import analysis
 from fwlora.errors import UserError
 from fwlora.files import write_json, write_text_atomic
 from fwlora.records import Status
@@ -219,6 +220,33 @@ def _matrix_md(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _importance_vs_update_md(summary: dict[str, Any]) -> list[str]:
+    """The Fisher importance's share per matrix type beside each column's share of ||dW||^2."""
+    lines: list[str] = []
+    for c in summary["cells"]:
+        q = c["matrices"].get("importance_vs_update")
+        if not q:
+            continue
+        kinds = analysis.order_kinds(list(q["importance_share"]))
+        rows = [[f"Fisher importance I_m ({_name(summary, q['source'])}'s runs)"]
+                + [fmt(100 * q["importance_share"].get(k, float("nan")), 1) for k in kinds] + ["—"]]
+        for label in summary["methods"]:
+            share = q["update_share"].get(label)
+            if share:
+                rows.append([f"‖dW‖², {_name(summary, label)}"] + [fmt(100 * share.get(k, 0.0), 1) for k in kinds]
+                            + [fmt(q["spearman"].get(label), 2)])
+        lines += ["", f"{c['task']} {c['budget_label']}: where the Fisher statistic points and where each method's "
+                  f"update ends up (share per matrix type in %, mean over seeds; last column: Spearman of I_m and "
+                  f"‖dW_m‖ over matrices, same seed, averaged over seeds):", "",
+                  markdown_table(["quantity"] + [analysis.kind_label(k) for k in kinds] + ["Spearman(I_m, ‖dW_m‖)"], rows)]
+    if lines:
+        lines += ["", "Reading: a rule that allocates ranks by I_m gives the adapter to the matrix types in the first row; "
+                  "the other rows show where plain training (LoRA) and AdaLoRA's own sensitivity put their update. "
+                  "Where the two disagree, allocating by the Fisher statistic takes capacity from matrices that "
+                  "training uses."]
+    return lines
+
+
 def _header_md(summary: dict[str, Any]) -> list[str]:
     L = [f"## Protocol: {summary['label']}", ""]
     b = summary["bench"]
@@ -294,6 +322,7 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
         L += [f"  - {x}" for x in entry.get("verdicts") or []] or ["  - no pairs"]
     L += ["", "### Open question 1: reallocation or uniform decay?", ""]
     L += _matrix_md(summary)
+    L += _importance_vs_update_md(summary)
     for kind, title in PLOT_TITLES:
         for name in plots.get(kind, []):
             L += ["", f"{title}: ![{name}]({name})"]
