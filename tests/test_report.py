@@ -269,6 +269,26 @@ def test_importance_share_beside_update_share_by_hand(bench: Path, tmp_path: Pat
     assert "where the Fisher statistic points" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_pooled_over_tasks_averages_each_seed_over_tasks_then_intervals_over_seeds(tmp_path: Path):
+    root = tmp_path / "two"
+    write_bench(root, tasks=("cola", "sst2"), labels=("r1",), methods=("lora", "fwlora"), seeds=3)
+    finals = {("cola", "lora"): [0.20, 0.22, 0.24], ("cola", "fwlora"): [0.25, 0.21, 0.30],
+              ("sst2", "lora"): [0.80, 0.81, 0.82], ("sst2", "fwlora"): [0.83, 0.80, 0.81]}
+    for (task, method), values in finals.items():
+        for seed, v in enumerate(values):
+            if (task, method, seed) != ("sst2", "fwlora", 2):  # sst2 seed 2 missing: seed 2 leaves the pool
+                write_run(root, task, "r1", method, seed, final=v)
+    summary = report.write_report([root], tmp_path / "out")
+    across = summary["protocols"][0]["pooled_over_tasks"]
+    per_seed = [((0.25 - 0.20) + (0.83 - 0.80)) / 2, ((0.21 - 0.22) + (0.80 - 0.81)) / 2]
+    ci = across["fwlora-lora"]
+    assert across["tasks"] == ["cola", "sst2"] and ci["seeds"] == [0, 1]
+    assert ci["diffs"] == pytest.approx(per_seed) and ci["mean"] == pytest.approx(statistics.fmean(per_seed))
+    sd = statistics.stdev(per_seed)
+    assert ci["high"] == pytest.approx(statistics.fmean(per_seed) + 12.706204736174707 * sd / math.sqrt(2))  # t(0.975, 1)
+    assert "Pooled over tasks (cola, sst2)" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_report_numbers_match_hand_computations(bench: Path, tmp_path: Path):
     out = tmp_path / "out"
     summary = report.write_report([bench], out)

@@ -225,7 +225,8 @@ def summarise_protocol(p: Protocol, reference: str = DEFAULT_REFERENCE) -> dict[
             cells.append(_cell(p, cols, task, budget, by[(task, budget)]))
     return {"label": p.label, "root": str(p.root), "split": p.split, "notes": p.notes, "methods": cols.labels,
             "method_of": cols.method_of, "names": cols.names, "reference": cols.reference, "tasks": tasks,
-            "cells": cells, "pooled": pooled(cells, cols), "settings": protocol_settings(p, cols.labels, cols.method_of),
+            "cells": cells, "pooled": pooled(cells, cols),
+            "pooled_over_tasks": pooled_over_tasks(cells, cols), "settings": protocol_settings(p, cols.labels, cols.method_of),
             "env": protocol_env(p), "bench": bench_header(p), "counts": dict(sorted(_count_status(p).items()))}
 
 
@@ -375,6 +376,28 @@ def pooled(cells: list[dict[str, Any]], cols: Columns) -> dict[str, Any]:
         entry["at_majority"] = {lb: v for lb, v in entry["at_majority"].items() if v}
         entry["verdicts"] = _pooled_lines(entry, cols)
         out[task] = entry
+    return out
+
+
+def pooled_over_tasks(cells: list[dict[str, Any]], cols: Columns) -> dict[str, Any] | None:
+    """Every task and budget at once, as the GLUE score averages its tasks' metrics: per seed, the mean
+    over cells of (a - b) in each cell's own metric, then a Student t interval over seeds. Only seeds
+    that every cell has a pair for count (each seed averages the same tasks); only for two or more
+    tasks whose metrics all rise with quality."""
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    if len(tasks) < 2 or not all(c.get("higher_is_better", True) for c in cells):
+        return None
+    out: dict[str, Any] = {"tasks": tasks, "cells": [f"{c['task']} {c['budget_label']}" for c in cells]}
+    for a, b in cols.pairs():
+        per_cell = [dict(zip((c["pairs"].get(f"{a}-{b}") or {}).get("seeds", []),
+                             (c["pairs"].get(f"{a}-{b}") or {}).get("diffs", []))) for c in cells]
+        seeds = sorted(set.intersection(*(set(d) for d in per_cell))) if per_cell else []
+        means = [statistics.fmean(d[s] for d in per_cell) for s in seeds]
+        ci = paired_ci(means)
+        out[f"{a}-{b}"] = ci | {"seeds": seeds, "diffs": means,
+                                "verdict": difference_verdict(ci, cols.name(a), cols.name(b))}
+    out["verdicts"] = [f"{cols.name(a)} − {cols.name(b)}: {fmt_ci(out[f'{a}-{b}'])}: {out[f'{a}-{b}']['verdict']}"
+                       for a, b in cols.pairs()]
     return out
 
 

@@ -320,6 +320,12 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
     for task, entry in summary["pooled"].items():
         L.append(f"- **{task}** ({', '.join(entry['budgets'])}):")
         L += [f"  - {x}" for x in entry.get("verdicts") or []] or ["  - no pairs"]
+    across = summary.get("pooled_over_tasks")
+    if across:
+        L += ["", f"### Pooled over tasks ({', '.join(across['tasks'])})", "",
+              "Per seed, the mean over " + ", ".join(across["cells"]) + " of the paired difference in each task's own "
+              "metric (as the GLUE score averages MCC and accuracy), then a 95 % Student t interval over seeds:", ""]
+        L += [f"- {x}" for x in across["verdicts"]]
     L += ["", "### Open question 1: reallocation or uniform decay?", ""]
     L += _matrix_md(summary)
     L += _importance_vs_update_md(summary)
