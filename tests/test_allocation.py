@@ -57,6 +57,24 @@ def test_spectrum_hand_example():
     assert allocate_spectrum(gains, cost, 9, 4) == {"a": 0, "b": 0, "c": 0}
 
 
+def test_rank_floor_is_charged_first_then_the_rule_goes_on():
+    gains = {"a": [8.0, 2.0, 1.0], "b": [30.0, 6.0], "c": [4.0, 4.0, 0.5]}
+    cost = {"a": 10, "b": 20, "c": 10}
+    # floor 1 each costs 40 of 60; left 20: scores of the grants above the floor (r_max 2): c1 .4, b1 .3, a1 .2
+    # -> c1 (left 10), b1 does not fit (20), a1 (left 0)
+    assert allocate_spectrum(gains, cost, 60, 2, r_min=1) == {"a": 2, "b": 1, "c": 2}
+    # budget 45: c1 does not fit after the floor (5 left): every matrix exactly at the floor
+    assert allocate_spectrum(gains, cost, 45, 3, r_min=1) == {"a": 1, "b": 1, "c": 1}
+    # a cap below the floor wins (a matrix capped at 0 stays at 0, and costs nothing)
+    assert allocate_spectrum(gains, cost, 40, {"a": 0, "b": 2, "c": 2}, r_min=1) == {"a": 0, "b": 1, "c": 2}
+    # proportional: floor 1 each (40), the left 40 shared as F_m: t = 40 / (3*10 + 1*10 + 2*20) = 0.5 ->
+    # ideal 1.5, 0.5, 1.0: floors 1, 0, 1 (30 used), a's remainder .5 fits (40): extra 2, 0, 1
+    assert allocate_proportional({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 10, "b": 10, "c": 20}, 80, 8, r_min=1) == \
+        {"a": 3, "b": 1, "c": 2}
+    with pytest.raises(FWLoRAError, match="costs more than the budget"):
+        allocate_spectrum(gains, cost, 30, 2, r_min=1)
+
+
 def test_spectrum_ties_go_by_name():
     gains, cost = {"y": [5.0], "x": [5.0], "z": [5.0]}, {"x": 10, "y": 10, "z": 10}
     assert allocate_spectrum(gains, cost, 20, 1) == {"x": 1, "y": 1, "z": 0}
@@ -82,7 +100,8 @@ def test_proportional_hand_examples():
 
 @pytest.mark.parametrize("bad", [dict(target_rank=0), dict(warmup_steps=0), dict(beta=1.0), dict(rule="eva"),
                                  dict(r_max=0), dict(target_rank=4, r_max=2), dict(sketch_size=-1),
-                                 dict(seed=1.5)])
+                                 dict(seed=1.5), dict(r_min=-1), dict(r_min=3, r_max=2),
+                                 dict(target_rank=2, r_min=3)])
 def test_config_checks(bad):
     with pytest.raises(FWLoRAError):
         FWRankConfig(**bad)

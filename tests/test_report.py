@@ -685,6 +685,9 @@ def test_variants_are_columns_of_their_own(tmp_path: Path):
     assert c["methods"]["fwlora_exact"]["final"]["mean"] == pytest.approx(0.56)
     assert c["pairs"]["fwlora_exact-lora"]["diffs"] == pytest.approx([0.05, 0.06])
     assert any(v.startswith("fwlora_exact − LoRA: ") for v in c["verdicts"])
+    # a variant is also paired with its own method's column: 0.55 - 0.52, 0.57 - 0.53
+    assert c["pairs"]["fwlora_exact-fwlora"]["diffs"] == pytest.approx([0.03, 0.04])
+    assert any(v.startswith("fwlora_exact − FW-LoRA: +0.035") for v in c["verdicts"])
     assert any(v.startswith("**Verdict**: fwlora_exact vs AdaLoRA: no AdaLoRA runs") for v in c["verdicts"])
     # FW-LoRA's setting concerns both of its columns, not LoRA's
     assert s["settings"]["per_method"]["fw_measure_every"] == {"fwlora": None, "fwlora_exact": 1}

@@ -4,7 +4,7 @@ Train plain LoRA for K optimizer steps while FW-LoRA's hooks (method.py) see eve
 and output gradient g, then give each matrix m a rank r_m under a hard budget and resize the live model once:
 
     sum_m r_m (d_in + d_out) <= budget = r * sum_m (d_in + d_out)      (LoRA's adapter size at rank r)
-    0 <= r_m <= r_max                                                (r_m = 0: the matrix loses its adapter)
+    r_min <= r_m <= r_max                    (r_min = 0, the default: a matrix may lose its adapter)
 
 The statistic, per layer, is an EMA of the second moment of G = dL/dW = sum_tokens g x^T on its smaller
 side (k = min(d_in, d_out)), k x k:
@@ -54,6 +54,8 @@ class FWRankConfig:
     rule: Literal["spectrum", "proportional"] = field(default="spectrum", metadata={
         "help": "'spectrum': greedy on eigenvalues / (d_in + d_out); 'proportional': r_m proportional to F_m"})
     r_max: int = field(default=8, metadata={"help": "largest rank any one matrix may get"})
+    r_min: int = field(default=0, metadata={
+        "help": "smallest rank every matrix keeps, charged to the budget first; 0 lets the rule drop a matrix"})
     sketch_size: int = field(default=8, metadata={
         "help": "p: columns of the Gaussian sketch; 0 keeps the exact gradient (d_out x d_in per layer)"})
     measure_every: int | None = field(default=None, metadata={
@@ -75,6 +77,10 @@ class FWRankConfig:
             raise bad("rule", "must be 'spectrum' or 'proportional'")
         if not _is_int(self.r_max) or self.r_max < 1:
             raise bad("r_max", "must be an integer >= 1")
+        if not _is_int(self.r_min) or not 0 <= self.r_min <= self.r_max:
+            raise bad("r_min", f"must be an integer in [0, r_max = {self.r_max}]")
+        if self.target_rank is not None and self.r_min > self.target_rank:
+            raise bad("r_min", f"must be <= target_rank = {self.target_rank}, or the floor alone would exceed the budget")
         if self.target_rank is not None and self.r_max < self.target_rank:
             raise bad("r_max", f"must be >= target_rank = {self.target_rank}, or the budget could never be spent")
         if self.measure_every is None:
@@ -93,12 +99,27 @@ def _caps(names: Sequence[str], r_max: int | Mapping[str, int]) -> dict[str, int
     return {n: int(r_max[n] if isinstance(r_max, Mapping) else r_max) for n in names}
 
 
+def _floor(names: Sequence[str], cap: Mapping[str, int], cost: Mapping[str, int], budget: int,
+           r_min: int) -> tuple[dict[str, int], int]:
+    """Every matrix's rank floor min(r_min, cap) and the budget left after it."""
+    floor = {n: min(int(r_min), cap[n]) for n in names}
+    left = budget - sum(floor[n] * cost[n] for n in names)
+    if left < 0:
+        raise FWLoRAError(f"r_min = {r_min} on every matrix costs more than the budget {budget}")
+    return floor, left
+
+
 def allocate_proportional(fisher: Mapping[str, float], cost: Mapping[str, int], budget: int,
-                          r_max: int | Mapping[str, int]) -> dict[str, int]:
+                          r_max: int | Mapping[str, int], r_min: int = 0) -> dict[str, int]:
     """r_m = t F_m with sum r_m cost_m = budget (ranks above r_max capped and the rest re-solved), then floors
-    plus largest remainders (ties by name) while they fit. A matrix with F_m = 0 gets rank 0."""
+    plus largest remainders (ties by name) while they fit. A matrix with F_m = 0 gets rank 0. With r_min,
+    every matrix first gets its floor and the rest of the budget is shared out so above it."""
     names = sorted(fisher)
     cap = _caps(names, r_max)
+    if r_min:
+        floor, left = _floor(names, cap, cost, budget, r_min)
+        extra = allocate_proportional(fisher, cost, left, {n: cap[n] - floor[n] for n in names})
+        return {n: floor[n] + extra[n] for n in names}
     active = [n for n in names if fisher[n] > 0 and cap[n] > 0]
     capped: set[str] = set()
     t = 0.0
@@ -124,18 +145,18 @@ def allocate_proportional(fisher: Mapping[str, float], cost: Mapping[str, int], 
 
 
 def allocate_spectrum(gains: Mapping[str, Sequence[float]], cost: Mapping[str, int], budget: int,
-                      r_max: int | Mapping[str, int]) -> dict[str, int]:
+                      r_max: int | Mapping[str, int], r_min: int = 0) -> dict[str, int]:
     """Grant ranks one at a time in order of lambda_{m,k} / cost_m (ties: name, then k), skipping a grant that
-    no longer fits the budget or r_max, until nothing fits. Negative gains (round-off) count as 0."""
+    no longer fits the budget or r_max, until nothing fits. Negative gains (round-off) count as 0. With
+    r_min, every matrix starts at that floor (its first r_min eigenvalues taken) and the greedy goes on."""
     names = sorted(gains)
     cap = _caps(names, r_max)
+    ranks, left = _floor(names, cap, cost, budget, r_min)
     order = []
     for n in names:
         lam = sorted((max(float(v), 0.0) for v in gains[n]), reverse=True)[: cap[n]]
-        order += [(-v / cost[n], n, k) for k, v in enumerate(lam)]
+        order += [(-v / cost[n], n, k) for k, v in enumerate(lam) if k >= ranks[n]]
     order.sort()
-    ranks = {n: 0 for n in names}
-    left = budget
     for _, n, k in order:  # a matrix's grants come in k order; once one does not fit, none of its later ones do
         if ranks[n] == k and cost[n] <= left:
             ranks[n] += 1
@@ -321,6 +342,8 @@ class FisherRankAllocation:
         rank = self.config.target_rank or int(_lora_tuner(model).peft_config[self.adapter_name].r)
         if rank > self.config.r_max:
             raise FWLoRAError(f"target rank {rank} > r_max = {self.config.r_max}: the budget could never be spent")
+        if self.config.r_min > rank:
+            raise FWLoRAError(f"r_min = {self.config.r_min} > target rank {rank}: the floor alone would exceed the budget")
         self.budget = rank * sum(d_in + d_out for d_in, d_out in self.dims.values())
         self.device = first.lora_A[self.adapter_name].weight.device
         self._dtype = torch.float64 if self.device.type == "cpu" else torch.float32
@@ -438,9 +461,9 @@ class FisherRankAllocation:
         cost = {n: sum(self.dims[n]) for n in self.names}
         cap = {n: min(self.config.r_max, *self.dims[n]) for n in self.names}
         if self.config.rule == "spectrum":
-            ranks = allocate_spectrum(self.gains, cost, self.budget, cap)
+            ranks = allocate_spectrum(self.gains, cost, self.budget, cap, self.config.r_min)
         else:
-            ranks = allocate_proportional(self._fisher, cost, self.budget, cap)
+            ranks = allocate_proportional(self._fisher, cost, self.budget, cap, self.config.r_min)
         self.ranks = _same_on_every_process({n: ranks[n] for n in self.names}, self.device)
         self._moments = {}
         self._apply_ranks()

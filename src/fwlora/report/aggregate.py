@@ -48,11 +48,15 @@ class Columns:
         return ADALORA if ADALORA in self.labels and self.reference != ADALORA else None
 
     def pairs(self) -> list[tuple[str, str]]:
-        """(a, b) for every comparison a - b: each column against the reference, then against AdaLoRA."""
+        """(a, b) for every comparison a - b: each column against the reference, then against AdaLoRA, then
+        each named variant of a method against that method's own column (fwlora_exact - FW-LoRA)."""
         out = [(lb, self.reference) for lb in self.labels if lb != self.reference] if self.reference in self.labels else []
         ada = self.adalora
         if ada:
             out += [(lb, ada) for lb in self.labels if lb not in (self.reference, ada)]
+        out += [(lb, self.method_of[lb]) for lb in self.labels
+                if self.method_of.get(lb) not in (None, lb) and self.method_of[lb] in self.labels
+                and self.method_of[lb] not in (self.reference, ada)]
         return out
 
     def is_adalora(self, label: str) -> bool:
