@@ -141,25 +141,21 @@ KIND_LABELS = {"attention.self.query": "query", "attention.self.key": "key", "at
 KIND_ORDER = KNOWN_KIND_ORDERS[0]  # BERT's six matrix types (release 1's name)
 
 
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    """A per-matrix column as float64, None -> NaN."""
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
 def importance_shrink_correlation(importance: Sequence[float], norms_base: Sequence[float],
                                   norms_weighted: Sequence[float]) -> dict[str, float]:
     """Spearman correlation between I_m and ||dW_m|| (weighted run) / ||dW_m|| (base run), matched by
     position: positive when the penalty shrinks the low-importance matrices more than the important
     ones (the reallocation FW-LoRA claims), near 0 when it shrinks them all alike."""
-    import warnings
-
-    from scipy.stats import spearmanr
-
-    i = np.asarray([np.nan if v is None else v for v in importance], dtype=float)
-    a = np.asarray([np.nan if v is None else v for v in norms_base], dtype=float)
-    b = np.asarray([np.nan if v is None else v for v in norms_weighted], dtype=float)
+    i, a, b = _floats(importance), _floats(norms_base), _floats(norms_weighted)
     ok = np.isfinite(i) & np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
-    rho = float("nan")
-    if ok.sum() > 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a constant input gives NaN, which is the honest answer
-            rho = float(spearmanr(i[ok], b[ok] / a[ok]).statistic)
-    return {"spearman": rho, "n": int(ok.sum())}
+    ratio = np.full_like(a, np.nan)
+    ratio[ok] = b[ok] / a[ok]
+    return {"spearman": rank_correlation(i, ratio), "n": int(ok.sum())}
 
 
 def share_by_kind(values: dict[str, float | None]) -> dict[str, float]:
@@ -180,13 +176,12 @@ def rank_correlation(a: Sequence[float | None], b: Sequence[float | None]) -> fl
 
     from scipy.stats import spearmanr
 
-    x = np.asarray([np.nan if v is None else v for v in a], dtype=float)
-    y = np.asarray([np.nan if v is None else v for v in b], dtype=float)
+    x, y = _floats(a), _floats(b)
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 3:
         return float("nan")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # a constant input gives NaN, which is the honest answer
         return float(spearmanr(x[ok], y[ok]).statistic)
 
 

@@ -393,8 +393,8 @@ def pooled_over_tasks(cells: list[dict[str, Any]], cols: Columns) -> dict[str, A
         return None
     out: dict[str, Any] = {"tasks": tasks, "cells": [f"{c['task']} {c['budget_label']}" for c in cells]}
     for a, b in cols.pairs():
-        per_cell = [dict(zip((c["pairs"].get(f"{a}-{b}") or {}).get("seeds", []),
-                             (c["pairs"].get(f"{a}-{b}") or {}).get("diffs", []))) for c in cells]
+        cell_pairs = [c["pairs"].get(f"{a}-{b}") or {} for c in cells]
+        per_cell = [dict(zip(p.get("seeds", []), p.get("diffs", []))) for p in cell_pairs]
         seeds = sorted(set.intersection(*(set(d) for d in per_cell))) if per_cell else []
         means = [statistics.fmean(d[s] for d in per_cell) for s in seeds]
         ci = paired_ci(means)
