@@ -513,6 +513,35 @@ def test_cli_prints_table_and_path(bench: Path, tmp_path: Path, capsys):
     assert (out / "report.md").is_file()
 
 
+def test_records_rebuild_the_same_report_and_leave_checkpoints_behind(bench: Path, tmp_path: Path, capsys):
+    from fwlora.records import Status, run_status
+
+    heavy = bench / "cola" / "r2" / "lora" / "seed0"
+    (heavy / "adapter").mkdir()
+    (heavy / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    (heavy / "checkpoint").mkdir()
+    (heavy / "checkpoint" / "config.json").write_text("{}")  # a checkpoint's own config.json is not a run's
+    out = tmp_path / "committed"
+    assert cli.main(["report", str(bench), "--output", str(out), "--records"]) == 0
+    assert "records: 18 runs" in capsys.readouterr().out  # 16 complete, 1 failed (result only), 1 started (config only)
+    records = out / "records" / bench.name
+    copied = sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file())
+    assert "bench.json" in copied and "cola/r2/lora/seed0/result.json" in copied
+    assert not any("adapter" in p or "checkpoint" in p for p in copied)
+    assert len(copied) == 1 + 16 * 2 + 2  # bench.json; config + result per complete run; the failed one's result; the started one's config
+    for p in copied:  # byte for byte
+        assert (records / p).read_bytes() == (bench / p).read_bytes()
+    assert run_status(records / "cola" / "r2" / "lora" / "seed0") == Status.COMPLETE  # what bench skips
+    assert run_status(records / "cola" / "r2" / "fwlora" / "seed2") == Status.RUNNING  # what bench would run
+    rebuilt = tmp_path / "rebuilt"
+    assert cli.main(["report", str(records), "--output", str(rebuilt)]) == 0
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (out, rebuilt))
+    assert first["protocols"][0]["cells"] == second["protocols"][0]["cells"]
+    # reporting the records into their own report directory copies nothing onto itself
+    assert cli.main(["report", str(records), "--output", str(out), "--records"]) == 0
+    assert "records: 0 runs" in capsys.readouterr().out
+
+
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["report", "--help"])

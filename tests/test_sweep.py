@@ -7,8 +7,10 @@ the offline MiniLM on 32 CoLA examples for 2 epochs per trial.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -434,6 +436,27 @@ def test_a_study_refuses_other_settings(tmp_path, glue_dir):
     cfg.seeds_per_trial = 2
     with pytest.raises(UserError, match="seeds"):
         sweep.run_sweep(cfg, train_fn=fake_train)
+
+
+def test_a_release_1_study_continues_where_its_settings_still_hold(tmp_path):
+    """The committed release-1 journal (results/sweep-cpu) recorded every method's settings in every study.
+    Its LoRA and AdaLoRA studies continue under this release; FW-LoRA's is refused, naming the one thing
+    that changed for it: the default statistic (release 1: exact, every warm-up step)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(REPO / "results" / "sweep-cpu" / "optuna.journal", out / sweep.JOURNAL_FILE)
+    recorded = json.loads((REPO / "results" / "sweep-cpu" / "sweep.json").read_text())
+    cfg = sweep.SweepConfig(methods=["lora", "adalora", "fwlora"], settings=recorded["settings"], trials=6,
+                            space=sweep.load_space(REPO / "examples" / "sweep_space_cpu.yaml"), output_dir=str(out))
+    runner = sweep.Sweep(cfg, train_fn=fake_train)
+    for method in ("lora", "adalora"):
+        assert len(runner.open_study(method).trials) == 6
+    with pytest.raises(UserError) as refused:
+        runner.open_study("fwlora")
+    assert str(refused.value).count("settings.") == 2
+    assert "fw_estimator: 'exact' -> 'sketch'" in str(refused.value) and "fw_measure_every: 1 -> None" in str(refused.value)
+    cfg.settings.update(fw_estimator="exact", fw_measure_every=1)  # release 1's statistic, asked for: continues
+    assert len(runner.open_study("fwlora").trials) == 6
 
 
 def test_seeds_per_trial_average_and_step_numbering(tmp_path, glue_dir):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,36 @@ def run_status(run_dir: Path) -> Status | None:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / RESULT_FILE).is_file() or (Path(path) / CONFIG_FILE).is_file()
+
+
+def copy_records(source: Path, destination: Path) -> int:
+    """Copy what carries the results under `source` (each bench.json, and each run's config.json and
+    result.json; no checkpoint, no adapter) to the same relative places under `destination`; return the
+    number of run directories copied.
+
+    A few kB a run, so a report can be committed with its records: `fwlora report <destination>` rebuilds
+    it, and copied back into a bench directory they let `fwlora bench` skip the runs they record as complete
+    and run only the rest (a bench extended in a later session, on another machine)."""
+    source, destination = Path(source), Path(destination)
+    if source.resolve() == destination.resolve():
+        return 0
+    copied = 0
+    for dirpath, dirnames, filenames in os.walk(source):
+        here = Path(dirpath)
+        names = [n for n in (BENCH_FILE, CONFIG_FILE, RESULT_FILE) if n in filenames]
+        if destination.resolve() in (here.resolve(), *here.resolve().parents):
+            dirnames[:] = []  # the destination lies inside the source: never copy the copies
+            continue
+        for name in names:
+            target = destination / here.relative_to(source) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(here / name, target)
+        if CONFIG_FILE in names or RESULT_FILE in names:
+            copied += 1
+            dirnames[:] = []  # a run directory: its checkpoint and adapter stay behind
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return copied
 
 
 def write_bench(output_dir: Path, info: dict[str, Any]) -> Path:

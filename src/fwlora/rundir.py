@@ -5,6 +5,7 @@ File names and the record itself belong to records.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import shutil
@@ -90,12 +91,16 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
 
 
 def config_difference(old: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every setting that decides the result and differs. A key an older run
-    directory lacks counts as its default; keys of other methods (release 1 wrote every method's
-    settings into every run) are not this run's."""
-    new = cfg.identity()
+    """(key, old, new) for every setting that decides the result and differs (settings_difference)."""
+    return settings_difference(old, cfg.identity(), cfg.method)
+
+
+def settings_difference(old: dict[str, Any], new: dict[str, Any], method: str) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every key of `new` whose value `old` (settings recorded earlier, perhaps by an
+    older release) does not share. A key `old` lacks counts as its default; keys `new` lacks (another
+    method's settings: release 1 wrote every method's into every run and study) are not this method's."""
     try:
-        defaults = TrainConfig.from_dict({"method": cfg.method}).identity()
+        defaults = json.loads(json.dumps(TrainConfig.from_dict({"method": method}).identity()))
     except UserError:
         defaults = {}
     return [(k, old.get(k, defaults.get(k)), v) for k, v in sorted(new.items()) if old.get(k, defaults.get(k)) != v]

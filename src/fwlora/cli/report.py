@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  fwlora report runs/quick\n"
                "  fwlora report runs/shared_lr runs/tuned --output runs/report\n"
                "  fwlora report runs/explore /tmp/one_run --output /tmp/report\n"
-               "  fwlora report runs/variants --reference fwlora",
+               "  fwlora report runs/variants --reference fwlora\n"
+               "  fwlora report runs/fwrank --output results/fwrank --records   # commit results/fwrank with its records\n"
+               "  fwlora report results/fwrank/records/fwrank --output results/fwrank   # rebuild it from them",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="a bench directory, a run directory, or any directory above runs (searched recursively)")
@@ -30,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", metavar="NAME", default=None,
                    help="the column every other is compared with and whose time is 1 (a method or a variant's "
                         "label; default: lora)")
+    p.add_argument("--records", action="store_true",
+                   help="also copy every run's config.json and result.json (and each bench.json; no checkpoints or "
+                        "adapters, a few kB a run) to OUTPUT/records/<RUN_DIR's name>/: the report can then be rebuilt "
+                        "from a commit, and copying them back into a bench directory lets `fwlora bench` skip the runs "
+                        "they hold and run only the rest")
     p.set_defaults(handler=cmd_report)
 
 
@@ -40,4 +47,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = write_report(list(args.run_dirs), out, reference=args.reference)
     print(summary["main_table"])
     print(f"\nreport: {summary['report']}")
+    if args.records:
+        from fwlora.records import copy_records
+
+        for run_dir in args.run_dirs:
+            destination = out / "records" / (run_dir.resolve().name or "runs")
+            print(f"records: {copy_records(run_dir, destination)} runs -> {destination}")
     return 0

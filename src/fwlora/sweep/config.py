@@ -120,15 +120,23 @@ def counts_toward_total(trial: "optuna.trial.FrozenTrial") -> bool:
     return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("counts"))
 
 
-def describe_diff(have: dict, wanted: dict, limit: int = 6) -> str:
-    """The first differences between a study's recorded identity and this command's."""
+def identity_differences(have: dict, wanted: dict, method: str) -> list[str]:
+    """How a study's recorded identity differs from this command's, as "key: old -> new". The fixed
+    settings compare as run directories do (rundir.settings_difference): a setting a study made by an older
+    release lacks counts as its default, and other methods' settings it recorded are not this study's."""
+    from fwlora.rundir import settings_difference
+
     diffs = []
     for key in sorted(set(have) | set(wanted)):
         a, b = have.get(key), wanted.get(key)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"settings.{k}: {old!r} -> {new!r}" for k, old, new in settings_difference(a, b, method)]
+        elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def describe_diff(have: dict, wanted: dict, method: str, limit: int = 6) -> str:
+    """The first differences between a study's recorded identity and this command's."""
+    diffs = identity_differences(have, wanted, method)
     return ", ".join(diffs[:limit]) + (", ..." if len(diffs) > limit else "")

@@ -29,7 +29,8 @@ from fwlora.data import get_task
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.method import FWLoRAError
 from fwlora.records import RunRecord, Status
-from fwlora.sweep.config import OBJECTIVES, STUDY_ATTR, SweepConfig, counts_toward_total, describe_diff
+from fwlora.sweep.config import (OBJECTIVES, STUDY_ATTR, SweepConfig, counts_toward_total, describe_diff,
+                                 identity_differences)
 from fwlora.sweep.export import export
 from fwlora.sweep.space import format_params
 from fwlora.sweep.storage import beat, fail_stale_trials, file_lock, heartbeat, open_storage
@@ -195,10 +196,10 @@ class Sweep:
             have = study.user_attrs.get(STUDY_ATTR)
             if have is None:
                 study.set_user_attr(STUDY_ATTR, wanted)
-            elif have != wanted:
+            elif identity_differences(have, wanted, method):
                 raise UserError(f"study {name} in {self.store.description} was made with other settings "
-                                f"({describe_diff(have, wanted)}); use another --study-name or --output-dir, "
-                                "or the original settings")
+                                f"({describe_diff(have, wanted, method)}); use another --study-name or "
+                                "--output-dir, or the original settings")
         return study
 
     def run(self) -> dict[str, "optuna.Study"]:
