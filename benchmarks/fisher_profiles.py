@@ -7,7 +7,9 @@ Each argument is a directory holding FW-LoRA (or fwrank) run directories (seed*/
 importance I_m = F_m / sum F of every adapted matrix, averaged over the seeds found, is drawn as one
 layer x matrix-type heatmap per backbone (layers as rows, scaled to the same height, so that depth reads
 alike across backbones of 6, 12 and 30 layers). A JSON file beside the figure holds the numbers and,
-per backbone, the share of the importance by matrix type and by depth third.
+per backbone, the share of the importance by matrix type and by depth third. `--previous FILE` adds the
+profiles such a JSON file holds for backbones not given as directories (a figure extended with a new
+backbone after the older runs' directories are gone: their numbers are in the file).
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def importance_by_matrix(directory: Path) -> tuple[str, dict[tuple[int | None, s
     return model, {k: statistics.fmean(v) for k, v in values.items()}, len(records)
 
 
+def stored_profiles(path: Path) -> list[tuple[str, dict[tuple[int | None, str], float], int]]:
+    """The profiles of a JSON file this script wrote, as importance_by_matrix returns them."""
+    stored = json.loads(path.read_text())
+    profiles = []
+    for model, entry in stored.items():
+        if not isinstance(entry, dict) or "importance" not in entry:
+            continue  # "command" and other notes
+        values = {}
+        for key, value in entry["importance"].items():
+            layer, kind = key.split("/", 1)
+            values[(None if layer == "None" else int(layer), kind)] = float(value)
+        profiles.append((model, values, int(entry["runs"])))
+    return profiles
+
+
 def shares(values: dict[tuple[int | None, str], float]) -> dict[str, dict[str, float]]:
     """The importance summed by matrix type and by depth third (first / middle / last layers)."""
     layers = sorted({layer for layer, _ in values if layer is not None})
@@ -62,6 +79,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path, help="directories of FW-LoRA / fwrank runs, one per backbone")
     parser.add_argument("--output", type=Path, default=REPO / "results" / "backbones" / "fisher_profiles.png")
+    parser.add_argument("--previous", type=Path, metavar="JSON",
+                        help="a JSON file this script wrote: its profiles join the figure (first) for every backbone "
+                             "not given as a directory")
     args = parser.parse_args()
     import matplotlib
 
@@ -69,6 +89,9 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     profiles = [importance_by_matrix(d) for d in args.dirs]
+    if args.previous:
+        given = {model for model, _, _ in profiles}
+        profiles = [p for p in stored_profiles(args.previous) if p[0] not in given] + profiles
     fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 5.2), squeeze=False)
     for ax, (model, values, n) in zip(axes[0], profiles):
         layers, kinds, grid = analysis.layer_kind_grid(values)

@@ -57,6 +57,7 @@ def test_overhead_script_runs_every_variant_and_estimator(glue_dir, tmp_path):
 def test_fisher_profiles_figure_and_shares(tmp_path):
     """Two backbones' synthetic FW-LoRA records -> one figure and the importance shares, summing to 1."""
     import json
+    import shutil
     import subprocess
 
     from fwlora.records import RunRecord, Status, write_result
@@ -82,3 +83,15 @@ def test_fisher_profiles_figure_and_shares(tmp_path):
         assert abs(sum(record[key]["by_kind"].values()) - 1) < 1e-9 and abs(sum(record[key]["by_depth"].values()) - 1) < 1e-9
     # minilm: importances 1..4 over (0, q), (0, out), (1, q), (1, out): queries 1 + 3 of 10
     assert abs(record["minilm, sst2"]["by_kind"]["query"] - 0.4) < 1e-9
+    # a third backbone later, the first two's runs gone: --previous keeps their numbers from the JSON
+    write(tmp_path / "c", "mpnet", ["attention.attn.q", "output.dense"], 2)
+    shutil.rmtree(tmp_path / "a")
+    extended = tmp_path / "fig2.png"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fisher_profiles.py"), str(tmp_path / "c"),
+                           "--previous", str(out.with_suffix(".json")), "--output", str(extended)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads(extended.with_suffix(".json").read_text())
+    assert list(k for k in again if k != "command") == ["minilm, sst2", "smollm2, sst2", "mpnet, sst2"]
+    for key in ("minilm, sst2", "smollm2, sst2"):
+        assert again[key] == record[key]
