@@ -373,7 +373,7 @@ def run(model, fr, steps, opt, start=0):
     return resized_at
 
 
-@pytest.mark.parametrize("rule", ["spectrum", "proportional"])
+@pytest.mark.parametrize("rule", ["spectrum", "proportional", "update"])
 def test_loop_resizes_once_within_the_budget(rule):
     model = lora(tiny_bert(), r=3)
     fr = FisherRankAllocation(model, FWRankConfig(target_rank=2, warmup_steps=3, rule=rule, r_max=6, measure_every=1))
@@ -390,6 +390,35 @@ def test_loop_resizes_once_within_the_budget(rule):
         assert sorted(fr.gains[FF0], reverse=True) == fr.gains[FF0] and len(fr.gains[FF0]) == 16
     over = fr.trained_params_over_run(5)
     assert over["mean"] == pytest.approx((3 * over["warmup"] + 2 * over["after"]) / 5)
+
+
+def test_update_rule_ranks_the_learned_update_and_keeps_its_top_directions():
+    """rule="update": the gains are sigma_k^2 of s B A at step K (torch.linalg.svd of the materialised
+    float64 product), at most the warm-up rank per matrix; every kept matrix becomes the truncated SVD of
+    what it had learned, and the budget is that of the target rank."""
+    model = lora(tiny_bert(), r=3)
+    fr = FisherRankAllocation(model, FWRankConfig(target_rank=2, warmup_steps=3, rule="update", r_max=6,
+                                                  measure_every=1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run(model, fr, 2, opt)
+    model.train()
+    model(**batch(seed=2)).loss.backward()
+    opt.step()
+    learned = {n: dw(m) for n, m in find_lora_layers(model).items()}  # the K-th update included
+    assert fr.step()
+    refresh_optimizer(opt, model)
+    cost = {n: sum(d) for n, d in fr.dims.items()}
+    for n, delta in learned.items():
+        sigma = torch.linalg.svd(delta).S
+        assert fr.gains[n] == pytest.approx((sigma[:3] ** 2).tolist(), rel=1e-9)
+    assert allocate_spectrum(fr.gains, cost, fr.budget, 3) == fr.ranks  # the greedy, capped at the warm-up rank
+    assert max(fr.ranks.values()) <= 3 and sum(fr.ranks[n] * cost[n] for n in fr.names) <= fr.budget
+    assert len(set(fr.ranks.values())) > 1  # it did move the budget on this model
+    live = find_lora_layers(model)
+    for n, r in fr.ranks.items():
+        if r:
+            u, sigma, vh = torch.linalg.svd(learned[n])
+            assert torch.allclose(dw(live[n]), (u[:, :r] * sigma[:r]) @ vh[:r], atol=1e-6)
 
 
 def test_state_round_trip_mid_warmup(tmp_path):

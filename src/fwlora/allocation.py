@@ -16,7 +16,9 @@ with Omega a fresh Gaussian d_in x p (Omega' d_out x p) matrix per step: E[Y^T Y
 E[Z^T Z] / p = G^T G). sketch_size = 0 keeps G itself (exact mode, for tests). The eigenvalues of M at step K
 are the gains lambda_{m,k} (the sigma_k^2 of the gradient), and trace M is an unbiased estimate of FW-LoRA's
 F_m = EMA ||G_m||_F^2. Rules: "spectrum" grants ranks one at a time by lambda_{m,k} / (d_in + d_out), best
-first (EVA's water-filling, on gradients); "proportional" makes r_m proportional to F_m (FIM-LoRA's control).
+first (EVA's water-filling, on gradients); "proportional" makes r_m proportional to F_m (FIM-LoRA's control);
+"update" runs the same greedy on sigma_k^2 of what the warm-up learned, dW = s B A, capped at the warm-up rank
+(magnitude pruning at step K: the control that asks whether the gradient's signal, or any reallocation, helps).
 
 The resize keeps s' = s for each matrix (alpha_m = s r_m, or s sqrt(r_m) with rsLoRA) and sets the adapter to
 the best rank-r_m approximation of dW = s B A: B' = U_r S_r^1/2 / s^1/2, A' = S_r^1/2 V_r^T / s^1/2. Depends
@@ -51,8 +53,9 @@ class FWRankConfig:
         "help": "r: the run's LoRA rank; the budget is r * sum_m (d_in + d_out). None: the adapter config's r"})
     warmup_steps: int = field(default=500, metadata={"help": "K: optimizer steps measured before the resize"})
     beta: float = field(default=0.98, metadata={"help": "EMA factor of the gradient second moment, in (0, 1)"})
-    rule: Literal["spectrum", "proportional"] = field(default="spectrum", metadata={
-        "help": "'spectrum': greedy on eigenvalues / (d_in + d_out); 'proportional': r_m proportional to F_m"})
+    rule: Literal["spectrum", "proportional", "update"] = field(default="spectrum", metadata={
+        "help": "'spectrum': greedy on the gradient's eigenvalues / (d_in + d_out); 'proportional': r_m proportional "
+                "to F_m; 'update': the same greedy on sigma_k^2 of the learned dW = s B A (at most the warm-up rank)"})
     r_max: int = field(default=8, metadata={"help": "largest rank any one matrix may get"})
     r_min: int = field(default=0, metadata={
         "help": "smallest rank every matrix keeps, charged to the budget first; 0 lets the rule drop a matrix"})
@@ -73,8 +76,8 @@ class FWRankConfig:
             raise bad("warmup_steps", "must be an integer >= 1")
         if not _is_real(self.beta) or not 0.0 < self.beta < 1.0:
             raise bad("beta", "must lie strictly between 0 and 1")
-        if self.rule not in ("spectrum", "proportional"):
-            raise bad("rule", "must be 'spectrum' or 'proportional'")
+        if self.rule not in ("spectrum", "proportional", "update"):
+            raise bad("rule", "must be 'spectrum', 'proportional' or 'update'")
         if not _is_int(self.r_max) or self.r_max < 1:
             raise bad("r_max", "must be an integer >= 1")
         if not _is_int(self.r_min) or not 0 <= self.r_min <= self.r_max:
@@ -162,6 +165,13 @@ def allocate_spectrum(gains: Mapping[str, Sequence[float]], cost: Mapping[str, i
             ranks[n] += 1
             left -= cost[n]
     return ranks
+
+
+@torch.no_grad()
+def update_spectrum(layer: nn.Module, adapter: str) -> list[float]:
+    """sigma_k^2 of the layer's learned dW = s B A (float64), largest first, one per rank of the adapter."""
+    dw = float(layer.scaling[adapter]) * (layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double())
+    return (torch.linalg.svdvals(dw)[: int(layer.r[adapter])] ** 2).cpu().tolist()
 
 
 # ---- the live resize ---------------------------------------------------------------------------------
@@ -460,10 +470,13 @@ class FisherRankAllocation:
                       for n, m in zip(self.names, moments)}
         cost = {n: sum(self.dims[n]) for n in self.names}
         cap = {n: min(self.config.r_max, *self.dims[n]) for n in self.names}
-        if self.config.rule == "spectrum":
-            ranks = allocate_spectrum(self.gains, cost, self.budget, cap, self.config.r_min)
-        else:
+        if self.config.rule == "update":  # what the warm-up learned instead of its gradient (the control)
+            self.gains = {n: update_spectrum(self.layers[n], self.adapter_name) for n in self.names}
+            cap = {n: min(cap[n], len(self.gains[n])) for n in self.names}
+        if self.config.rule == "proportional":
             ranks = allocate_proportional(self._fisher, cost, self.budget, cap, self.config.r_min)
+        else:
+            ranks = allocate_spectrum(self.gains, cost, self.budget, cap, self.config.r_min)
         self.ranks = _same_on_every_process({n: ranks[n] for n in self.names}, self.device)
         self._moments = {}
         self._apply_ranks()
