@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from collections import Counter
 
+import pytest
+
 from conftest import REPO
 
 
@@ -95,3 +97,37 @@ def test_fisher_profiles_figure_and_shares(tmp_path):
     assert list(k for k in again if k != "command") == ["minilm, sst2", "smollm2, sst2", "mpnet, sst2"]
     for key in ("minilm, sst2", "smollm2, sst2"):
         assert again[key] == record[key]
+
+
+def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, capsys):
+    """The committed fwrank comparison split into one summary per task (as a held-out task run in a bench of
+    its own would be): pooled again, its numbers are those the report computed over the one bench."""
+    import copy
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("pool_tasks", REPO / "benchmarks" / "pool_tasks.py")
+    pool_tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_tasks)
+    committed = json.loads((REPO / "results" / "fwrank" / "summary.json").read_text())
+    protocol = committed["protocols"][0]
+    paths = []
+    for task in ("cola", "sst2"):
+        part = copy.deepcopy(committed)
+        part["protocols"][0]["cells"] = [c for c in protocol["cells"] if c["task"] == task]
+        paths.append(tmp_path / f"{task}.json")
+        paths[-1].write_text(json.dumps(part))
+    out = tmp_path / "pooled.md"
+    assert pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank", "--output", str(out)]) == 0
+    text = out.read_text()
+    from fwlora.report.text import fmt_ci
+
+    for pair, name in (("fwrank-adalora", "fwrank − AdaLoRA"), ("adalora-lora", "AdaLoRA − LoRA")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{fmt_ci(protocol['pooled_over_tasks'][pair])} (5 seeds)" in row
+    # a column run with other settings in the second bench is not one protocol
+    other = json.loads(paths[1].read_text())
+    other["protocols"][0]["settings"]["per_method"]["lr"]["fwrank"] = 0.002
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="column fwrank was run with other settings \\(lr\\)"):
+        pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank"])
