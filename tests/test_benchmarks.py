@@ -131,3 +131,24 @@ def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, cap
     paths[1].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="column fwrank was run with other settings \\(lr\\)"):
         pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank"])
+
+
+def test_sweep_trials_lines_up_the_committed_sweeps(capsys):
+    """Release 1's and release 2's CoLA sweeps drew the same learning rate for trial n in every study; each
+    study's best trial appears in its row with the value its best_params.json records."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("sweep_trials", REPO / "benchmarks" / "sweep_trials.py")
+    sweep_trials = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_trials)
+    journals = [REPO / "results" / d / "optuna.journal" for d in ("sweep-cpu", "sweep-fwrank")]
+    assert sweep_trials.main([str(j) for j in journals]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 6 and all("/" not in row[1] for row in rows)  # one learning rate per trial number
+    header = ["lora", "adalora", "fwlora", "fwrank"]
+    for d in ("sweep-cpu", "sweep-fwrank"):
+        for method, best in json.loads((REPO / "results" / d / "best_params.json").read_text()).items():
+            row = rows[best["trial"]]
+            assert row[2 + header.index(method)].startswith(f"{best['value']:.3f}")
+            assert row[1] == f"{best['params']['lr']:.3g}"
