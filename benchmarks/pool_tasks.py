@@ -1,14 +1,18 @@
-"""Pooled verdicts over tasks that ran in separate benches (the held-out task, run once after the others).
+"""Paired and pooled verdicts over benches run apart: a held-out task run later, or a column added later.
 
     python benchmarks/pool_tasks.py results/fwrank/summary.json results/fwrank-mrpc/summary.json \
         --columns lora,adalora,fwlora,fwrank --output results/fwrank-mrpc/pooled.md
 
-`fwlora report` pools tasks within one bench directory; a task run later in a bench of its own is a protocol
-of its own there. This reads the summary.json files those reports wrote (the per-seed paired differences of
-every cell) and pools the named columns over every task of every file with the report's own rule
-(aggregate.pooled_over_tasks: per seed, the mean over tasks of each paired difference; Student t interval
-over the seeds every task has). It refuses columns whose settings differ between the files, other than the
-settings that each task sets for itself (epochs, subset size, K).
+`fwlora report` compares and pools within one bench directory; a task or a column run later in a bench of
+its own is a protocol of its own there. This reads the summary.json files those reports wrote (each cell's
+final metric per seed and column) and puts the named columns side by side:
+- tasks from several files are pooled with the report's own rule (aggregate.pooled_over_tasks: per seed,
+  the mean over tasks of each paired difference; Student t interval over the seeds every task has);
+- one task in several files (a column added later) is joined into one cell, but only where every column
+  the files share has the same final metric on every seed: then they hold the same runs (training here is
+  deterministic for a given seed and settings), and pairing the new column with the old ones is sound.
+Columns whose settings differ between files are refused, except settings a preset sets per task (epochs,
+subset size, K).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from fwlora.report.aggregate import Columns, pooled_over_tasks  # noqa: E402
+from fwlora.report.stats import paired_ci  # noqa: E402
 from fwlora.report.text import fmt_ci, markdown_table  # noqa: E402
 
 PER_TASK = {"epochs", "train_limit", "fw_warmup_steps", "fwrank_warmup_steps"}  # settings a preset sets per task
@@ -42,6 +47,28 @@ def column_settings(protocol: dict, label: str) -> dict:
     return out
 
 
+def joined_cells(protocols: list[dict], labels: list[str]) -> list[dict]:
+    """One cell per (task, budget) holding the named columns' per-seed finals from every file, with the
+    paired differences of every pair recomputed from them."""
+    cells: dict[tuple[str, str], dict] = {}
+    for p in protocols:
+        for c in p["cells"]:
+            key = (c["task"], c["budget_label"])
+            finals = {lb: {int(s): v for s, v in (c["methods"][lb].get("final_by_seed") or {}).items()}
+                      for lb in labels if lb in c["methods"]}
+            if key not in cells:
+                cells[key] = {"task": c["task"], "budget_label": c["budget_label"],
+                              "higher_is_better": c.get("higher_is_better", True), "finals": finals}
+                continue
+            have = cells[key]["finals"]
+            for lb in set(have) & set(finals):
+                if have[lb] != finals[lb]:
+                    raise SystemExit(f"{p['label']}: {lb} on {key[0]} {key[1]} has other results per seed than in an "
+                                     f"earlier file ({finals[lb]} vs {have[lb]}): not the same runs, cannot join")
+            have.update(finals)
+    return list(cells.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("summaries", nargs="+", type=Path, help="summary.json files written by fwlora report")
@@ -50,22 +77,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     labels = [c.strip() for c in args.columns.split(",") if c.strip()]
     protocols = [load_protocol(p) for p in args.summaries]
-    first = protocols[0]
-    for path, p in zip(args.summaries[1:], protocols[1:]):
-        for lb in labels:
-            a, b = column_settings(first, lb), column_settings(p, lb)
-            differ = sorted(k for k in set(a) | set(b) if k not in PER_TASK and a.get(k) != b.get(k))
+    for lb in labels:  # a column in several files must have been run with the same settings in each
+        having = [(path, column_settings(p, lb)) for path, p in zip(args.summaries, protocols) if lb in p["methods"]]
+        for path, settings in having[1:]:
+            first_path, first = having[0]
+            differ = sorted(k for k in set(first) | set(settings) if k not in PER_TASK and first.get(k) != settings.get(k))
             if differ:
                 raise SystemExit(f"{path}: column {lb} was run with other settings ({', '.join(differ)}) "
-                                 f"than in {args.summaries[0]}: not one protocol")
-    cells = []
+                                 f"than in {first_path}: not one protocol")
+    cols = Columns(labels=labels, method_of={}, names={}, reference=labels[0])
     for p in protocols:
-        missing = [lb for lb in labels if lb not in p["methods"]]
+        cols.method_of |= {lb: m for lb, m in p["method_of"].items() if lb in labels}
+        cols.names |= {lb: n for lb, n in p["names"].items() if lb in labels}
+    cells = joined_cells(protocols, labels)
+    for c in cells:
+        missing = [lb for lb in labels if lb not in c["finals"]]
         if missing:
-            raise SystemExit(f"{p['label']}: no column {', '.join(missing)}")
-        cells += p["cells"]
-    cols = Columns(labels=labels, method_of={lb: first["method_of"].get(lb, lb) for lb in labels},
-                   names={lb: first["names"].get(lb, lb) for lb in labels}, reference=labels[0])
+            raise SystemExit(f"{c['task']} {c['budget_label']}: no column {', '.join(missing)} in any file")
+        c["pairs"] = {}
+        for a, b in cols.pairs():
+            seeds = sorted(set(c["finals"][a]) & set(c["finals"][b]))
+            diffs = [c["finals"][a][s] - c["finals"][b][s] for s in seeds]
+            c["pairs"][f"{a}-{b}"] = paired_ci(diffs) | {"seeds": seeds, "diffs": diffs}
     pooled = pooled_over_tasks(cells, cols)
     if pooled is None:
         raise SystemExit("pooling needs two or more tasks whose metrics all rise with quality")

@@ -131,6 +131,26 @@ def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, cap
     paths[1].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="column fwrank was run with other settings \\(lr\\)"):
         pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank"])
+    # split by column instead (fwrank added later in a bench with LoRA again): joined on LoRA's identical runs
+    by_column = []
+    for keep in (("lora", "adalora", "fwlora"), ("lora", "fwrank")):
+        part = copy.deepcopy(committed)
+        for c in part["protocols"][0]["cells"]:
+            c["methods"] = {lb: st for lb, st in c["methods"].items() if lb in keep}
+        by_column.append(tmp_path / f"{'-'.join(keep)}.json")
+        by_column[-1].write_text(json.dumps(part))
+    assert pool_tasks.main([*map(str, by_column), "--columns", "lora,adalora,fwlora,fwrank", "--output", str(out)]) == 0
+    joined = out.read_text()
+    for pair, name in (("fwrank-adalora", "fwrank − AdaLoRA"), ("fwrank-lora", "fwrank − LoRA")):
+        row = next(line for line in joined.splitlines() if line.startswith(f"| {name} |"))
+        cola = next(c for c in protocol["cells"] if c["task"] == "cola")
+        assert f"| {fmt_ci(cola['pairs'][pair])} |" in row and f"{fmt_ci(protocol['pooled_over_tasks'][pair])} (5" in row
+    # ... but not when the shared column's results differ: those are other runs
+    changed = json.loads(by_column[1].read_text())
+    changed["protocols"][0]["cells"][0]["methods"]["lora"]["final_by_seed"]["3"] += 0.01
+    by_column[1].write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="lora on cola r2 has other results per seed"):
+        pool_tasks.main([*map(str, by_column), "--columns", "lora,adalora,fwlora,fwrank"])
 
 
 def test_sweep_trials_lines_up_the_committed_sweeps(capsys):
