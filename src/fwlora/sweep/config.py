@@ -131,6 +131,8 @@ def identity_differences(have: dict, wanted: dict, method: str) -> list[str]:
         a, b = have.get(key), wanted.get(key)
         if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"settings.{k}: {old!r} -> {new!r}" for k, old, new in settings_difference(a, b, method)]
+        elif isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
