@@ -29,7 +29,8 @@ from fwlora.report.aggregate import Columns, pooled_over_tasks  # noqa: E402
 from fwlora.report.stats import paired_ci  # noqa: E402
 from fwlora.report.text import fmt_ci, markdown_table  # noqa: E402
 
-PER_TASK = {"epochs", "train_limit", "fw_warmup_steps", "fwrank_warmup_steps"}  # settings a preset sets per task
+# settings a preset sets per task, or that follow from a task's length (AdaLoRA's schedule)
+PER_TASK = {"epochs", "train_limit", "fw_warmup_steps", "fwrank_warmup_steps", "total_step", "tinit", "tfinal"}
 
 
 def load_protocol(path: Path) -> dict:
@@ -40,9 +41,11 @@ def load_protocol(path: Path) -> dict:
 
 
 def column_settings(protocol: dict, label: str) -> dict:
-    """The settings of one column that hold for all its tasks: shared and per-method ones."""
+    """The settings of one column: shared, per-method and the method's own ones (a report lists a setting
+    under per_method only where its columns differ, so the same column may hold it in either place)."""
     s = protocol["settings"]
     out = {k: v for k, v in s["shared"].items()}
+    out |= {k: vals[0] if len(vals) == 1 else sorted(vals, key=str) for k, vals in s["own"].get(label, {}).items()}
     out |= {k: per[label] for k, per in s["per_method"].items() if label in per}
     return out
 

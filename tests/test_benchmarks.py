@@ -131,6 +131,12 @@ def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, cap
     paths[1].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="column fwrank was run with other settings \\(lr\\)"):
         pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank"])
+    # ... also a method's own setting, which a bench without a sibling column lists under "own" only
+    other["protocols"][0]["settings"]["per_method"]["lr"]["fwrank"] = 0.001
+    other["protocols"][0]["settings"]["own"]["fwrank"]["fwrank_r_max"] = [6]
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="column fwrank was run with other settings \\(fwrank_r_max\\)"):
+        pool_tasks.main([*map(str, paths), "--columns", "lora,adalora,fwlora,fwrank"])
     # split by column instead (fwrank added later in a bench with LoRA again): joined on LoRA's identical runs
     by_column = []
     for keep in (("lora", "adalora", "fwlora"), ("lora", "fwrank")):
