@@ -31,7 +31,7 @@ import copy
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -51,11 +51,13 @@ class FWRankConfig:
 
     target_rank: int | None = field(default=None, metadata={
         "help": "r: the run's LoRA rank; the budget is r * sum_m (d_in + d_out). None: the adapter config's r"})
-    warmup_steps: int = field(default=500, metadata={"help": "K: optimizer steps measured before the resize"})
+    warmup_steps: int | float = field(default=500, metadata={
+        "help": "K: optimizer steps measured before the resize; a number in (0, 1) is a fraction of the run's steps"})
     beta: float = field(default=0.98, metadata={"help": "EMA factor of the gradient second moment, in (0, 1)"})
-    rule: Literal["spectrum", "proportional", "update"] = field(default="spectrum", metadata={
+    rule: Literal["spectrum", "proportional", "update", "uniform"] = field(default="spectrum", metadata={
         "help": "'spectrum': greedy on the gradient's eigenvalues / (d_in + d_out); 'proportional': r_m proportional "
-                "to F_m; 'update': the same greedy on sigma_k^2 of the learned dW = s B A (at most the warm-up rank)"})
+                "to F_m; 'update': the same greedy on sigma_k^2 of the learned dW = s B A (at most the warm-up rank); "
+                "'uniform': every matrix at the target rank (the truncated SVD of dW: capacity without allocation)"})
     r_max: int = field(default=8, metadata={"help": "largest rank any one matrix may get"})
     r_min: int = field(default=0, metadata={
         "help": "smallest rank every matrix keeps, charged to the budget first; 0 lets the rule drop a matrix"})
@@ -72,12 +74,13 @@ class FWRankConfig:
 
         if self.target_rank is not None and (not _is_int(self.target_rank) or self.target_rank < 1):
             raise bad("target_rank", "must be an integer >= 1, or None for the adapter's r")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
-            raise bad("warmup_steps", "must be an integer >= 1")
+        fraction = _is_fraction(self.warmup_steps)
+        if not fraction and (not _is_int(self.warmup_steps) or self.warmup_steps < 1):
+            raise bad("warmup_steps", "must be an integer >= 1, or a fraction of the run in (0, 1)")
         if not _is_real(self.beta) or not 0.0 < self.beta < 1.0:
             raise bad("beta", "must lie strictly between 0 and 1")
-        if self.rule not in ("spectrum", "proportional", "update"):
-            raise bad("rule", "must be 'spectrum', 'proportional' or 'update'")
+        if self.rule not in ("spectrum", "proportional", "update", "uniform"):
+            raise bad("rule", "must be 'spectrum', 'proportional', 'update' or 'uniform'")
         if not _is_int(self.r_max) or self.r_max < 1:
             raise bad("r_max", "must be an integer >= 1")
         if not _is_int(self.r_min) or not 0 <= self.r_min <= self.r_max:
@@ -86,14 +89,29 @@ class FWRankConfig:
             raise bad("r_min", f"must be <= target_rank = {self.target_rank}, or the floor alone would exceed the budget")
         if self.target_rank is not None and self.r_max < self.target_rank:
             raise bad("r_max", f"must be >= target_rank = {self.target_rank}, or the budget could never be spent")
-        if self.measure_every is None:
-            self.measure_every = min(DEFAULT_MEASURE_EVERY, self.warmup_steps) if _is_int(self.warmup_steps) else 1
-        if not _is_int(self.measure_every) or not 1 <= self.measure_every <= self.warmup_steps:
+        if self.measure_every is None and not fraction:
+            self.measure_every = min(DEFAULT_MEASURE_EVERY, self.warmup_steps)
+        if self.measure_every is not None and (not _is_int(self.measure_every) or self.measure_every < 1 or (
+                not fraction and self.measure_every > self.warmup_steps)):
             raise bad("measure_every", f"must be an integer in [1, warmup_steps={self.warmup_steps}]")
         if not _is_int(self.sketch_size) or self.sketch_size < 0:
             raise bad("sketch_size", "must be an integer >= 0 (0: exact)")
         if not _is_int(self.seed):
             raise bad("seed", "must be an integer")
+
+
+    def resolve(self, total_steps: int | None) -> "FWRankConfig":
+        """This config with K in optimizer steps: a fraction of the run becomes round(fraction * total_steps)."""
+        if not _is_fraction(self.warmup_steps):
+            return self
+        if total_steps is None:
+            raise FWLoRAError(f"FWRankConfig.warmup_steps = {self.warmup_steps} is a fraction of the run: pass "
+                              "total_steps= (the run's optimizer steps) so that K can be counted")
+        return replace(self, warmup_steps=max(1, round(self.warmup_steps * total_steps)))
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, float) and 0.0 < value < 1.0
 
 
 # ---- allocation rules: pure, deterministic, independent of the input dicts' order ----------------------
@@ -341,8 +359,9 @@ class FisherRankAllocation:
     it is compressed. Under DDP the model must be re-wrapped after the resize (its parameters changed).
     """
 
-    def __init__(self, model: nn.Module, config: FWRankConfig | None = None, adapter_name: str | None = None):
-        self.config = config or FWRankConfig()
+    def __init__(self, model: nn.Module, config: FWRankConfig | None = None, adapter_name: str | None = None,
+                 total_steps: int | None = None):
+        self.config = (config or FWRankConfig()).resolve(total_steps)
         self.model = model
         self.layers = find_lora_layers(model)
         self.names = list(self.layers)
@@ -354,6 +373,7 @@ class FisherRankAllocation:
             raise FWLoRAError(f"target rank {rank} > r_max = {self.config.r_max}: the budget could never be spent")
         if self.config.r_min > rank:
             raise FWLoRAError(f"r_min = {self.config.r_min} > target rank {rank}: the floor alone would exceed the budget")
+        self.rank = rank
         self.budget = rank * sum(d_in + d_out for d_in, d_out in self.dims.values())
         self.device = first.lora_A[self.adapter_name].weight.device
         self._dtype = torch.float64 if self.device.type == "cpu" else torch.float32
@@ -473,7 +493,9 @@ class FisherRankAllocation:
         if self.config.rule == "update":  # what the warm-up learned instead of its gradient (the control)
             self.gains = {n: update_spectrum(self.layers[n], self.adapter_name) for n in self.names}
             cap = {n: min(cap[n], len(self.gains[n])) for n in self.names}
-        if self.config.rule == "proportional":
+        if self.config.rule == "uniform":  # capacity without allocation: every matrix truncated to the target rank
+            ranks = {n: min(self.rank, cap[n]) for n in self.names}
+        elif self.config.rule == "proportional":
             ranks = allocate_proportional(self._fisher, cost, self.budget, cap, self.config.r_min)
         else:
             ranks = allocate_spectrum(self.gains, cost, self.budget, cap, self.config.r_min)

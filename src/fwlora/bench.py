@@ -150,6 +150,8 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
                               **train_overrides, **label, "task": task, "method": real, "seed": seed,
                               "rank": size if kind == "r" else None, "budget": size if kind == "b" else None,
                               "output_dir": str(output_dir / task / size_label / method / f"seed{seed}")}
+                    if "rank" in variant:  # a variant at another rank in this budget's cell (a capacity control)
+                        values["rank"], values["budget"] = variant["rank"], None
                     values = {k.replace("-", "_"): v for k, v in values.items()}
                     cfg = TrainConfig.from_dict(values, source=f"{preset.get('source', 'bench')} ({task}, {method})")
                     cells.append(Cell(task, size_label, method, seed, cfg))

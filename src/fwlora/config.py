@@ -228,6 +228,15 @@ def _coerce(name: str, value: Any, source: str, kind: str) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"{source}: {name} must be true or false, got {value!r}")
         return value
+    if kind.startswith("int | float"):  # a count of steps, or a fraction of the run
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {name} must be a number (steps, or a fraction of the run), got {value!r}")
+        return value
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{source}: {name} must be an integer, got {value!r}")

@@ -56,12 +56,22 @@ def _add_flag(group: Any, name: str, f: Any, choices: list[str] | None = None) -
         return
     if kind.startswith("list"):
         kwargs["type"] = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+    elif kind.startswith("int | float"):
+        kwargs["type"] = _steps_or_fraction
     elif kind.startswith("int"):
         kwargs["type"] = int
     elif kind.startswith("float"):
         kwargs["type"] = float
     kwargs["metavar"] = name.upper()
     group.add_argument(_flag(name), **kwargs)
+
+
+def _steps_or_fraction(text: str) -> int | float:
+    """A flag that counts optimizer steps (500) or gives a fraction of the run (0.25)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of steps nor a fraction of the run") from None
 
 
 def collect_train_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class AdaLoRASettings:
     delta: float = with_help(0.0015, "AdaLoRA: one budget allocation every this fraction of steps (>= 1 step)")
     beta1: float = with_help(0.85, "AdaLoRA sensitivity EMA")
     beta2: float = with_help(0.85, "AdaLoRA uncertainty EMA")
+    init_r: int | None = with_help(None, "AdaLoRA's starting rank per matrix (default ceil(1.5 r), the paper's; "
+                                   "= r trains no extra capacity, and then no rank can move: the budget is every triplet)")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> UserError:
@@ -82,6 +84,8 @@ class AdaLoRASettings:
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
                 raise bad(name, "must lie strictly between 0 and 1")
+        if self.init_r is not None and (isinstance(self.init_r, bool) or not isinstance(self.init_r, int) or self.init_r < 1):
+            raise bad("init_r", "must be an integer >= 1 (and >= the run's rank)")
 
 
 @register
@@ -93,6 +97,9 @@ class AdaLoRA(Method):
     def check(self) -> list[str]:
         s = self.settings
         self.schedule = AdaLoraSchedule.scaled(self.run.total_steps, s.tinit, s.tfinal, s.delta)
+        if s.init_r is not None and s.init_r < self.run.rank:
+            raise UserError(f"adalora-init-r = {s.init_r} < the run's rank {self.run.rank}: AdaLoRA prunes from init_r "
+                            "down to target_r = rank, so it must start at least there")
         return []
 
     def build(self, model: nn.Module) -> nn.Module:
@@ -100,6 +107,8 @@ class AdaLoRA(Method):
 
         s = self.settings
         self.init_r, self.target_r = adalora_ranks(self.run.rank)
+        if s.init_r is not None:
+            self.init_r = s.init_r
         self.lora_alpha = s.alpha or default_alpha(self.init_r)
         sch = self.schedule
         config = AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, total_step=sch.total_step, tinit=sch.tinit,
@@ -111,6 +120,9 @@ class AdaLoRA(Method):
 
     def after_optimizer_step(self, step: int) -> bool:
         # after optimizer.step(), before zero_grad, with the 0-based step index (PEFT's contract)
+        if self.init_r == self.target_r:
+            # the budget is every triplet: nothing can be masked (PEFT's kthvalue would be asked for k = 0)
+            return False
         self.model.base_model.update_and_allocate(step)
         return False
 

@@ -48,11 +48,16 @@ class FWRank(Method):
     def run_values(cls, run: RunInfo) -> dict[str, Any]:
         return {"seed": run.seed, "target_rank": run.rank}
 
+    def config(self) -> FWRankConfig:
+        """The library config with K counted in this run's optimizer steps."""
+        return self.settings.to_config().resolve(self.run.total_steps)
+
     def check(self) -> list[str]:
         s, run = self.settings, self.run
-        if s.warmup_steps >= run.total_steps:
-            raise UserError(f"fwrank-warmup-steps = {s.warmup_steps} >= the run's {run.total_steps} optimizer steps: "
-                            "the ranks would never be allocated; lower --fwrank-warmup-steps")
+        k = self.config().warmup_steps
+        if k >= run.total_steps:
+            raise UserError(f"fwrank-warmup-steps = {s.warmup_steps} ({k} steps) >= the run's {run.total_steps} optimizer "
+                            "steps: the ranks would never be allocated; lower --fwrank-warmup-steps")
         init_r = math.ceil(1.5 * run.rank)
         if s.warmup_rank is not None and not 1 <= s.warmup_rank <= init_r:
             raise UserError(f"fwrank-warmup-rank = {s.warmup_rank}: must lie in [1, {init_r}] (AdaLoRA's init_r at "
@@ -70,7 +75,7 @@ class FWRank(Method):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        self.allocation = FisherRankAllocation(model, self.settings.to_config())
+        self.allocation = FisherRankAllocation(model, self.config())
         self._grad_scale: float | torch.Tensor | None = None
 
     def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
@@ -81,7 +86,7 @@ class FWRank(Method):
         return self.allocation.step(grad_scale=self._grad_scale)
 
     def warmup_steps(self) -> int | None:
-        return self.settings.warmup_steps
+        return self.allocation.config.warmup_steps
 
     def save_state(self, directory: Path) -> None:
         self.allocation.save(directory)
@@ -96,6 +101,7 @@ class FWRank(Method):
         a = self.allocation
         ranks = a.ranks
         return {"lora_alpha": self.lora_alpha, "warmup_rank": self.warmup_rank, "rule": a.config.rule,
+                "warmup_steps": a.config.warmup_steps,
                 "measure_every": a.config.measure_every,
                 "budget_params": a.budget, "params": a.trained_params_over_run(self.run.total_steps),
                 "final_total_rank": sum(ranks.values()) if ranks else None,
