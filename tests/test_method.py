@@ -10,7 +10,8 @@ import torch
 from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherWeightedLoRA, FWLoRAConfig, FWLoRAError, delta_weight_sq_norm
-from fwlora.method import NonFiniteFisherError, find_lora_layers
+from fwlora.errors import NonFiniteFisherError
+from fwlora.methods.gradients import find_lora_layers
 
 
 def base_weight_grads(peft_model, fw):
@@ -202,7 +203,7 @@ def test_warmup_boundary_and_frozen_importance():
     importance, fisher = fw.importance, fw.fisher
     assert sum(importance.values()) == pytest.approx(1.0)
     assert importance == pytest.approx({n: f / sum(fisher.values()) for n, f in fisher.items()})
-    assert fw._hooks._handles == []  # no measuring after warm-up: zero overhead
+    assert fw.statistic.hooks._handles == []  # no measuring after warm-up: zero overhead
     for step in range(3):  # penalty from step K+1 on; F and I stay frozen
         penalty = fw.penalty()
         assert penalty.item() > 0 and penalty.requires_grad
@@ -251,7 +252,7 @@ def test_warmup_keeps_no_weight_gradients():
         assert layer.get_base_layer().weight.grad is None
         assert not layer.get_base_layer().weight.requires_grad
     fw.step()
-    assert fw._acc == {}  # accumulators freed at every step
+    assert fw.statistic._acc == {}  # accumulators freed at every step
 
 
 def test_save_load_round_trip_continues_identically(tmp_path):

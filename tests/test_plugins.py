@@ -166,8 +166,8 @@ def test_import_fwlora_leaves_the_experiment_system_unimported():
 
 
 def test_method_settings_come_from_the_methods_dataclasses():
-    from fwlora.allocation import FWRankConfig
-    from fwlora.method import FWLoRAConfig
+    from fwlora import FWRankConfig
+    from fwlora import FWLoRAConfig
 
     settings = methods.all_settings()
     for field_name in FWLoRAConfig.__dataclass_fields__:

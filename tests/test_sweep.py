@@ -353,9 +353,9 @@ def test_infeasible_warmup_is_pruned_untrained_and_divergence_counts(tmp_path, g
             assert t.state == TrialState.COMPLETE
     assert {t.state for t in trials} == {TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE}
     # the sweep's count of optimizer steps agrees with train.setup's refusal
-    n_train = sweep.train_size("cola", str(glue_dir), 32)
     late = TrainConfig.from_dict({**SLICE, "data_dir": str(glue_dir), "method": "fwlora", "rank": 1,
                                   "fw_warmup_steps": 4})
+    n_train = sweep.train_size(late)
     assert sweep.infeasible_reason(late, n_train) and not sweep.infeasible_reason(late.replace(fw_warmup_steps=3), n_train)
     assert not sweep.infeasible_reason(late.replace(allow_late_penalty=True), n_train)  # the method's own rule
     from fwlora.train import setup
@@ -378,7 +378,8 @@ def test_surplus_and_dead_worker_trials_do_not_count(tmp_path, glue_dir):
     late = study.ask()
     assert not runner._surplus(study, alive) and runner._surplus(study, late)
     assert late.number == 2 and study.trials[2].state == TrialState.FAIL and study.trials[2].user_attrs["surplus"]
-    runner._run_study(study, "lora", sweep.train_size("cola", str(glue_dir), 32))
+    runner._run_study(study, "lora", sweep.train_size(TrainConfig.from_dict({"task": "cola", "data_dir": str(glue_dir),
+                                                                             "train_limit": 32})))
     states = [t.state for t in load(cfg).trials]
     assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.COMPLETE]
     assert f"process {gone.pid}) is gone" in load(cfg).trials[0].user_attrs["fail_reason"]

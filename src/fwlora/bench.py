@@ -28,11 +28,14 @@ from typing import Any
 
 import yaml
 
-from fwlora import methods
+from fwlora import methods, tasks
+from fwlora.budget import colliding_budgets
 from fwlora.config import TrainConfig
-from fwlora.data import get_task
 from fwlora.errors import TrainingInterrupted, UserError
+from fwlora.plan import backbone_facts
 from fwlora.records import RunRecord, Status, read_config, read_result, run_status, write_result
+from fwlora.rundir import config_difference
+from fwlora.train import train
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def _as_list(value: Any, kind: type, what: str) -> list:
 def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], train_overrides: dict[str, Any]) -> list[Cell]:
     """Every run of the grid, in execution order, each with its validated TrainConfig."""
     grid = {**(preset.get("grid") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    tasks = _as_list(grid.get("tasks"), str, "tasks")
+    tasks_ = _as_list(grid.get("tasks"), str, "tasks")
     methods_ = _as_list(grid.get("methods"), str, "methods")
     budgets = _as_list(grid.get("budgets"), float, "budgets")
     ranks = _as_list(grid.get("ranks"), int, "ranks")
@@ -118,7 +121,11 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
         ranks = []
     if "ranks" in overrides and overrides["ranks"] is not None:
         budgets = []
-    if not tasks or not methods_ or not seeds or not (budgets or ranks):
+    if not tasks_ and train_overrides.get("dataset"):
+        from fwlora.config import data_name
+
+        tasks_ = [train_overrides.get("task") or data_name(train_overrides["dataset"])]
+    if not tasks_ or not methods_ or not seeds or not (budgets or ranks):
         raise UserError("the grid needs tasks, methods, seeds and budgets (or ranks): give --preset or the flags")
     if budgets and ranks:
         raise UserError("the grid has both budgets and ranks: give one of them")
@@ -128,8 +135,10 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
     for m in methods_:
         if m not in variants:
             methods.get(m)  # an unknown method is refused with the list of known ones
-    for t in tasks:
-        get_task(t)  # an unknown task is refused before any run starts, not recorded as failed runs
+    own_data = bool(train_overrides.get("dataset") or (preset.get("train") or {}).get("dataset"))
+    for t in tasks_:
+        if not own_data:
+            tasks.get_task(t)  # an unknown task is refused before any run starts, not recorded as failed runs
     sizes = [("b", b) for b in budgets] or [("r", r) for r in ranks]
     base = {k.replace("-", "_"): v for k, v in (preset.get("train") or {}).items()}
     per_task = preset.get("tasks") or {}
@@ -139,7 +148,7 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
             raise UserError(f"{preset.get('source', 'preset')}: {name} must map names to settings")
     cells = []
     for seed in seeds:
-        for task in tasks:
+        for task in tasks_:
             for kind, size in sizes:
                 size_label = f"{kind}{size:g}"
                 for method in methods_:
@@ -160,9 +169,6 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
 
 def warn_colliding_budgets(cells: list[Cell]) -> None:
     """Two budgets that round to one rank make identical runs: say so before hours are spent."""
-    from fwlora import models
-    from fwlora.budget import colliding_budgets
-
     checked = set()
     for cell in cells:
         cfg = cell.config
@@ -171,8 +177,7 @@ def warn_colliding_budgets(cells: list[Cell]) -> None:
             continue
         checked.add(key)
         budgets = sorted({c.config.budget for c in cells if c.config.budget is not None})
-        model, _ = models.load_backbone(cfg.model, get_task(cfg.task), "model")
-        counts = models.count_params(model, models.resolve_targets(model, cfg.target_modules))
+        counts, _, _ = backbone_facts(cfg, tasks.task_for(cfg))
         for rank, same in colliding_budgets(budgets, counts.per_rank, counts.backbone).items():
             log.warning("budgets %s %% all map to rank %d on %s: those runs will be identical",
                         ", ".join(f"{b:g}" for b in same), rank, cfg.model)
@@ -180,8 +185,6 @@ def warn_colliding_budgets(cells: list[Cell]) -> None:
 
 def check_existing(cells: list[Cell]) -> None:
     """Refuse, before anything runs, an output directory whose runs were made with other settings."""
-    from fwlora.rundir import config_difference
-
     for cell in cells:
         old = read_config(Path(cell.config.output_dir))
         if old is not None:
@@ -193,8 +196,6 @@ def check_existing(cells: list[Cell]) -> None:
 
 def run_bench(cells: list[Cell], output_dir: Path, retry_failed: bool = True, stop_on_error: bool = False) -> dict[str, str]:
     """Run every cell not yet complete; return {cell key: final status}."""
-    from fwlora.train import train
-
     statuses: dict[str, str] = {}
     todo = [c for c in cells if run_status(Path(c.config.output_dir)) != Status.COMPLETE]
     done = len(cells) - len(todo)

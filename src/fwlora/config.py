@@ -33,10 +33,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # what to train
     task: str = _f("cola", "task: a GLUE task (cola, sst2, mrpc, rte, qnli, qqp, mnli, wnli) or an instruction task "
-                   "(gsm8k, alpaca, dolly)")
+                   "(gsm8k, alpaca, dolly, sharegpt); with --dataset, the name your data goes by in reports "
+                   "(default there: the file's name)")
     label: str | None = _f(None, "the name reports show this run under (a bench variant of a method); default: "
                            "the method's name")
-    method: str = _f("lora", "training method: a registered name (plug-ins via $FWLORA_METHODS)")
+    method: str = _f(methods.reference_name(), "training method: a registered name (plug-ins via $FWLORA_METHODS)")
     model: str = _f("minilm", "backbone: 'minilm' (bundled, offline), 'mpnet' or 'smollm2' (offline after "
                     "`make backbones`), or a Hugging Face name/path, e.g. roberta-base, Qwen/Qwen3-0.6B")
     head: str = _f("auto", "classification head: 'model' (the architecture's own), 'mean' (mean pooling), "
@@ -46,6 +47,20 @@ class TrainConfig:
     rank: int | None = _f(None, "LoRA rank directly (instead of --budget); AdaLoRA: target_r = rank, init_r = ceil(1.5 rank)")
     target_modules: list[str] | None = _f(None, "comma-separated module-name suffixes to adapt (default: the "
                                           "architecture's attention and feed-forward projections, see README)")
+    # your own data (instead of a built-in task's)
+    dataset: str | None = _f(None, "your own data: a .csv, .tsv, .json, .jsonl or .parquet file, or a Hugging Face "
+                             "dataset name (read with datasets.load_dataset)")
+    text_columns: list[str] | None = _f(None, "with --dataset: the text column, or two for sentence pairs (a,b); "
+                                        "default: text, sentence or sentence1,sentence2")
+    label_column: str | None = _f(None, "with --dataset: the label column (default: label). Strings or integers are "
+                                  "classes (any number); floats make the task a regression (MSE, Pearson, Spearman)")
+    validation: str | None = _f(None, "with --dataset: the evaluation data: a file, a split name, or a fraction held "
+                                "out of the training data (0.1, seeded); default: the dataset's validation split, "
+                                "else 0.1")
+    prompt_column: str | None = _f(None, "with --dataset: instruction data, the prompt column (with --response-column)")
+    response_column: str | None = _f(None, "with --dataset: instruction data, the response column (loss on it only)")
+    messages_column: str | None = _f(None, "with --dataset: chat data, a column of messages [{role, content}, ...] "
+                                     "(loss on the assistant turns only)")
     # data
     data_dir: str | None = _f(None, "data directory <dir>/<task>/{train,validation}.tsv (GLUE) or "
                               "{train,test}.jsonl (instruction tasks); default: $FWLORA_DATA_DIR, then the hub")
@@ -66,10 +81,16 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the adapters' input")
     # engineering
     mixed_precision: str = _f("no", "no, bf16 (CPU or GPU) or fp16 (GPU, with a gradient scaler)")
+    dtype: str = _f("float32", "the backbone's weights: float32, bfloat16 or float16 (the adapters train in float32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30 %% slower)")
+    load_in_4bit: bool = _f(False, "QLoRA: the backbone quantised to 4 bits (NF4) by bitsandbytes, where it runs")
+    report_to: str = _f("tensorboard", "experiment tracking through Accelerate: tensorboard (event files in the run "
+                        "directory), mlflow, wandb or none")
     eval_batch_size: int = _f(128, "evaluation batch size")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     output_dir: str = _f("runs/train", "run directory (config, metrics, per-matrix statistics, adapter)")
-    log_every: int = _f(10, "refresh the progress bar and check for NaN/inf every this many steps")
+    log_every: int = _f(10, "log loss, learning rate, gradient norm and step time to the trackers, refresh the "
+                        "progress bar and check for NaN/inf every this many steps")
     checkpoint_every: int | None = _f(None, "also save a checkpoint every this many optimizer steps (atomic; the "
                                       "previous one is kept until the new one is whole); default: about every "
                                       "10 minutes of a run's steps, never on runs under 200 steps; 0 = epoch ends only")
@@ -77,7 +98,11 @@ class TrainConfig:
     method_settings: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
     # keys that do not change the result: a run directory may be reused with other values
-    NON_IDENTITY = ("output_dir", "data_dir", "threads", "log_every", "eval_batch_size", "checkpoint_every", "label")
+    NON_IDENTITY = ("output_dir", "data_dir", "threads", "log_every", "eval_batch_size", "checkpoint_every", "label",
+                    "report_to", "gradient_checkpointing")
+    DEFAULT_TASK = "cola"
+    TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
+    DTYPES = ("float32", "bfloat16", "float16")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> UserError:
@@ -113,6 +138,11 @@ class TrainConfig:
             raise bad("lora_alpha", "must be a positive number")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise bad("mixed_precision", "use no, bf16 or fp16")
+        if self.dtype not in self.DTYPES:
+            raise bad("dtype", "use " + ", ".join(self.DTYPES))
+        if self.report_to not in self.TRACKERS:
+            raise bad("report_to", "use " + ", ".join(self.TRACKERS))
+        self._check_data()
         # the method's settings: defaults filled in, then checked by its own Settings dataclass
         stray = sorted(set(self.method_settings) - set(owner.defaults()))
         if stray:
@@ -120,6 +150,26 @@ class TrainConfig:
         self.method_settings = {**owner.defaults(), **self.method_settings}
         self.method_options()  # its checks (a None default that depends on other settings stays None here;
         # the run records the value it resolved to in result.json's method_info)
+
+    def _check_data(self) -> None:
+        own = {k: getattr(self, k) for k in ("text_columns", "label_column", "validation", "prompt_column",
+                                             "response_column", "messages_column") if getattr(self, k) is not None}
+        if self.dataset is None:
+            if own:
+                raise UserError(f"--{next(iter(own)).replace('_', '-')} describes your own data: give --dataset FILE too")
+            return
+        if not self.dataset.strip():
+            raise UserError("--dataset is empty: give a file or a hub dataset name")
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise UserError("--prompt-column and --response-column go together (instruction data)")
+        if self.messages_column and self.prompt_column:
+            raise UserError("give --messages-column (chat data) or --prompt-column/--response-column, not both")
+        if (self.messages_column or self.prompt_column) and (self.text_columns or self.label_column):
+            raise UserError("instruction data has a prompt and a response (or messages), not text and label columns")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise UserError(f"--text-columns {','.join(self.text_columns)}: give one column, or two for pairs")
+        if self.task == self.DEFAULT_TASK:  # not named: the data's own name, not a GLUE task's
+            self.task = data_name(self.dataset)
 
     def budget_percent(self) -> float | None:
         """The adapter budget in % that picks the rank: None when --rank gives it; DEFAULT_BUDGET when
@@ -177,6 +227,13 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+
+
+def data_name(dataset: str) -> str:
+    """The name a user's data goes by in reports: the file's stem, or the hub dataset's last part."""
+    path = Path(dataset)
+    name = path.stem if path.suffix else dataset.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
 def type_name(annotation: Any) -> str:

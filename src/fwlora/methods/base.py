@@ -8,14 +8,18 @@ code that applies it. The training loop (fwlora.train) only ever calls these hoo
     per micro-batch:   loss = task_loss + method.extra_loss()      (None: no extra term)
     per optimizer step, after the last backward:
         clip -> method.before_optimizer_step(step, grad_scale) -> optimizer.step()
-             -> changed = method.after_optimizer_step(step) -> (changed: the loop refreshes the optimizer)
-             -> scheduler.step() -> zero_grad
+             -> changed = method.after_optimizer_step(step) -> (changed: method.refresh_optimizer(optimizer))
+             -> scheduler.step() -> zero_grad -> method.log_values(step) to the trackers
     checkpoint:  method.save_state(dir) / method.load_state(dir)   (load before the trainable weights)
     end:         method.save_adapter_extras(adapter_dir); method.summary(); method.matrix_columns(); close()
 
 `step` is the 0-based index of the optimizer step being closed. A method that changes the set or the
 shapes of trainable parameters returns True from after_optimizer_step (and from load_state): the loop
-then re-reads the model's trainable parameters and carries optimizer state for the ones still present.
+then calls its refresh_optimizer, which carries optimizer state for the parameters still present.
+
+Presentation: the class attributes below `label` (colour, role, time hypothesis, rank and importance columns,
+figures, report_info) answer every per-method question the report and the sweep ask; nothing outside
+methods/ names a method.
 
 Settings: the fields of `Settings` (a dataclass, help text in field metadata, checks in __post_init__)
 become training settings named `flat_name(field)`: `prefix + field` unless `flat_names` says otherwise.
@@ -53,11 +57,62 @@ class NoSettings:
     """A method without settings of its own."""
 
 
+@dataclass(frozen=True)
+class TimeHypothesis:
+    """What a method claims of its training time, as a ratio to the reference column's (LoRA's).
+
+    `limit`: the claim is "within": met if the measured ratio is at most the limit. `tolerance`: the claim
+    is "about": close to it if |measured - ratio| <= tolerance, else faster or slower than that.
+    """
+
+    ratio: float
+    limit: float | None = None
+    tolerance: float | None = None
+    source: str = ""
+
+    def verdict(self, measured: float | None, reference: str = "the reference") -> str:
+        if measured is None:
+            return f"no pairs with {reference}"
+        if self.limit is not None:
+            return "met" if measured <= self.limit else "not met"
+        if self.tolerance is not None and abs(measured - self.ratio) <= self.tolerance:
+            return "close to it"
+        return "faster than that" if measured < self.ratio else "slower than that"
+
+    def describe(self) -> str:
+        """'~1.01x, met if <= 1.02x' or '~1.12x'."""
+        return f"~{self.ratio:g}x" + (f", met if <= {self.limit:g}x" if self.limit is not None else "")
+
+
+# METHOD.md's claim for a Fisher-guided method: time within ~1 % of plain LoRA ("~" read as at most 1.02x:
+# one point for the "~" and for timing noise)
+WITHIN_LORA_TIME = TimeHypothesis(1.01, limit=1.02, source="METHOD.md: within ~1 % of LoRA")
+
+# How the experiment system shows methods (the report and the sweep ask the registry, never a name):
+REFERENCE, RIVAL = "reference", "rival"
+FIGURES = ("importance", "ranks", "penalty_question")
+
+
 class Method:
     """Base class: plain behaviour (no extra loss, nothing per step, no state). Subclasses override."""
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # how reports print it
+    # ---- how the report shows it (every per-method question the report and the sweep ask) ----
+    colour: ClassVar[str | None] = None  # matplotlib colour of its lines and bars; None: the next of a palette
+    line_style: ClassVar[tuple[str, str] | None] = None  # (line style, marker); None: the next of a list
+    # "reference": the default column every other is compared with and timed against (LoRA); "rival": every
+    # column is compared with it too, and its verdict lines name it (AdaLoRA); None: neither
+    role: ClassVar[str | None] = None
+    time_hypothesis: ClassVar[TimeHypothesis | None] = None  # its claim on time; None: ratios without a verdict
+    rank_column: ClassVar[str | None] = None  # the per-matrix column (matrix_columns) holding its final ranks
+    rank_unit: ClassVar[str] = "rank"  # what one unit of that rank is ("kept singular values")
+    importance_column: ClassVar[str | None] = None  # a per-matrix column of importance scores that sum to 1
+    # extra figures and tables: "importance" (a heatmap of its importance column), "ranks" (its final ranks
+    # beside the rival's and the importance), "penalty_question" (does its penalty reallocate or decay evenly?)
+    figures: ClassVar[tuple[str, ...]] = ()
+    report_info: ClassVar[tuple[str, ...]] = ()  # method_info keys shown as its settings (else its own settings)
+    warmup_phase: ClassVar[str] = "its warm-up"  # how verdict lines name its warm-up steps
     Settings: ClassVar[type] = NoSettings
     prefix: ClassVar[str] = ""
     flat_names: ClassVar[dict[str, str]] = {}
@@ -123,6 +178,16 @@ class Method:
 
     def after_optimizer_step(self, step: int) -> bool:
         return False
+
+    def refresh_optimizer(self, optimizer: Any) -> None:
+        """Point the optimizer at the model's trainable parameters after after_optimizer_step (or load_state)
+        returned True, keeping the state of every parameter still present. Only methods that change shapes."""
+        raise NotImplementedError(f"method {self.name!r} changed its trainable parameters but does not say how the "
+                                  "optimizer follows: implement refresh_optimizer (fwrank's resize.refresh_optimizer)")
+
+    def log_values(self, step: int) -> dict[str, float]:
+        """Values to log to the trackers after optimizer step `step` (0-based), e.g. importances at the warm-up's end."""
+        return {}
 
     def warmup_steps(self) -> int | None:
         """Optimizer steps that cost more than a plain step (a measuring warm-up), for the timing split."""

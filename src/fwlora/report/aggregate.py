@@ -267,8 +267,8 @@ def _cell(p: Protocol, cols: Columns, task: str, budget: str, runs: dict[str, di
 
 def task_metric(task: str) -> str | None:
     """The task's metric when no complete run says it (mcc for CoLA, accuracy otherwise)."""
-    from fwlora.data import get_task
     from fwlora.errors import UserError
+    from fwlora.tasks import get_task
 
     try:
         return get_task(task).metric

@@ -56,8 +56,7 @@ from fwlora.sweep.config import (OBJECTIVES, PER_CELL, PRUNERS, STUDY_ATTR, Swee
                                  describe_diff)
 from fwlora.sweep.export import (best_config, export, param_importances, study_counts, summary_markdown,
                                  write_plots, write_tuned_preset)
-from fwlora.sweep.runner import (Sweep, TrainFn, close_pruned_run, infeasible_reason, run_sweep, total_steps,
-                                 train_size)
+from fwlora.sweep.runner import Sweep, TrainFn, close_pruned_run, infeasible_reason, run_sweep, train_size
 from fwlora.sweep.space import (SHARED_SPACE, Param, default_space, format_params, load_space, parse_param,
                                 parse_space)
 from fwlora.sweep.storage import (GRACE_ENV, GRACE_SECONDS, HEARTBEAT_ENV, HEARTBEAT_SECONDS, JOURNAL_FILE,
@@ -66,6 +65,6 @@ from fwlora.sweep.storage import (GRACE_ENV, GRACE_SECONDS, HEARTBEAT_ENV, HEART
 __all__ = ["OBJECTIVES", "PER_CELL", "PRUNERS", "STUDY_ATTR", "SweepConfig", "counts_toward_total", "describe_diff",
            "best_config", "export", "param_importances", "study_counts", "summary_markdown", "write_plots",
            "write_tuned_preset", "Sweep", "TrainFn", "close_pruned_run", "infeasible_reason", "run_sweep",
-           "total_steps", "train_size", "SHARED_SPACE", "Param", "default_space", "format_params", "load_space",
+           "train_size", "SHARED_SPACE", "Param", "default_space", "format_params", "load_space",
            "parse_param", "parse_space", "GRACE_ENV", "GRACE_SECONDS", "HEARTBEAT_ENV", "HEARTBEAT_SECONDS",
            "JOURNAL_FILE", "Storage", "fail_stale_trials", "open_storage"]

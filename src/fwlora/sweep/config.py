@@ -74,7 +74,11 @@ class SweepConfig:
 
     @property
     def task(self) -> str:
-        return self.settings.get("task", TrainConfig.task)
+        return self.base_config().task
+
+    def base_config(self) -> TrainConfig:
+        """The trials' shared settings as a TrainConfig (the first method's; task and data resolved)."""
+        return TrainConfig.from_dict(self.trial_settings(self.methods[0], {}), source="sweep settings")
 
     @property
     def seeds(self) -> list[int]:

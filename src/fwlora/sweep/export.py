@@ -16,6 +16,9 @@ from fwlora.config import TrainConfig
 from fwlora.files import write_json, write_text_atomic
 from fwlora.sweep.config import PER_CELL, SweepConfig, counts_toward_total
 from fwlora.sweep.space import format_params
+from fwlora.tasks import task_for
+
+PROGRAM = __name__.split(".")[0]
 
 if TYPE_CHECKING:
     import optuna
@@ -99,10 +102,8 @@ def write_plots(study: "optuna.Study", directory: Path) -> dict[str, str]:
 def export(cfg: SweepConfig, studies: Mapping[str, "optuna.Study"], storage: str) -> dict[str, Any]:
     """Write best_params.json, importance.json, plots, best_<method>.yaml, tuned_preset.yaml,
     sweep_summary.md and sweep.json into the output directory; return what was written."""
-    from fwlora.data import get_task
-
     out_dir = Path(cfg.output_dir)
-    metric = get_task(cfg.task).metric
+    metric = task_for(cfg.base_config()).metric
     best: dict[str, Any] = {}
     importance: dict[str, Any] = {}
     plots: dict[str, Any] = {}
@@ -134,7 +135,7 @@ def export(cfg: SweepConfig, studies: Mapping[str, "optuna.Study"], storage: str
     summary = summary_markdown(cfg, best, storage)
     write_text_atomic(out_dir / "sweep_summary.md", summary)
     write_json(out_dir / "sweep.json", {
-        "command": " ".join(["fwlora"] + sys.argv[1:]), "storage": storage, "task": cfg.task, "methods": cfg.methods,
+        "command": " ".join([PROGRAM] + sys.argv[1:]), "storage": storage, "task": cfg.task, "methods": cfg.methods,
         "studies": {m: cfg.study_name(m) for m in cfg.methods}, "trials": cfg.trials, "objective": cfg.objective,
         "seeds": cfg.seeds, "sampler_seed": cfg.sampler_seed,
         "pruner": {"kind": cfg.pruner, "startup_trials": cfg.prune_startup_trials, "from_epoch": cfg.prune_from_epoch},
@@ -172,9 +173,7 @@ def write_tuned_preset(cfg: SweepConfig, configs: Mapping[str, dict[str, Any]], 
 
 def summary_markdown(cfg: SweepConfig, best: Mapping[str, Any], storage: str) -> str:
     """Best of N per method, side by side, with every trial outcome counted."""
-    from fwlora.data import get_task
-
-    metric = get_task(cfg.task).metric
+    metric = task_for(cfg.base_config()).metric
     n = len(cfg.seeds)
     lines = [f"# Sweep: {cfg.task}, best of N per method (--trials {cfg.trials})",
              "",

@@ -11,9 +11,7 @@ worker dies; the last worker to finish writes complete outputs.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import shutil
 import socket
@@ -23,17 +21,17 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from fwlora import methods, records
+from fwlora import methods, records, tasks
 from fwlora.config import TrainConfig
-from fwlora.data import get_task
-from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
-from fwlora.method import FWLoRAError
+from fwlora.errors import FWLoRAError, NonFiniteError, TrainingInterrupted, UserError
+from fwlora.plan import build_method, plan_without_training
 from fwlora.records import RunRecord, Status
 from fwlora.sweep.config import (OBJECTIVES, STUDY_ATTR, SweepConfig, counts_toward_total, describe_diff,
                                  identity_differences)
 from fwlora.sweep.export import export
 from fwlora.sweep.space import format_params
 from fwlora.sweep.storage import beat, fail_stale_trials, file_lock, heartbeat, open_storage
+from fwlora.train import train
 
 if TYPE_CHECKING:
     import optuna
@@ -44,56 +42,22 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[..., RunRecord]
 
 
-def total_steps(n_train: int, cfg: TrainConfig) -> int:
-    """Optimizer steps of a run (as train counts them: batch_size is the global batch)."""
-    return math.ceil(n_train / cfg.batch_size) * cfg.epochs
-
-
-def train_size(task: str, data_dir: str | None, limit: int | None) -> int:
-    """Training examples a run of the task sees (its --train-limit applied)."""
-    from fwlora.data import get_task, subset
-
-    train_examples, _, _ = get_task(task).load(data_dir)
-    return len(subset(train_examples, limit))
-
-
-@functools.lru_cache(maxsize=8)
-def _backbone_counts(task: str, model: str, head: str, target_modules: tuple[str, ...]) -> tuple[int, int, int]:
-    """(parameters per rank, backbone, head) of a model as train counts them; loads it once per process."""
-    from fwlora import models
-    from fwlora.data import get_task
-
-    backbone, _ = models.load_backbone(model, get_task(task), head)
-    counts = models.count_params(backbone, models.resolve_targets(backbone, list(target_modules) or None))
-    return counts.per_rank, counts.backbone, counts.head
-
-
-def budget_rank(cfg: TrainConfig) -> int:
-    """The run's LoRA rank: --rank, or the rank its budget maps to (which needs the model's size)."""
-    if cfg.rank is not None:
-        return cfg.rank
-    from fwlora.budget import make_budget
-    from fwlora.train import resolve_head
-
-    per_rank, backbone, head = _backbone_counts(cfg.task, cfg.model, resolve_head(cfg), tuple(cfg.target_modules or ()))
-    return make_budget(per_rank, backbone, head, rank=None, percent=cfg.budget_percent()).rank
+def train_size(cfg: TrainConfig) -> int:
+    """Training examples a run of these settings sees (its --train-limit applied)."""
+    train_examples, _, _ = tasks.task_for(cfg).load(cfg.data_dir)
+    return len(tasks.subset(train_examples, cfg.train_limit))
 
 
 def infeasible_reason(cfg: TrainConfig, n_train: int) -> str | None:
     """Why the run's method would refuse this run before training (its own Method.check), or None.
 
-    The sweep loads no model for this unless a budget decides the rank: its RunInfo holds the optimizer
-    steps, the seed, the rank and the user's adapter settings; not the adapter size, the resolved
-    targets or the head's modules (0 and empty: train's own check still sees them)."""
-    cls = methods.get(cfg.method)
-    steps = total_steps(n_train, cfg)
+    The run's plan comes from plan.py, as train's does; the sweep loads a model for it only when a budget in %
+    decides the rank."""
+    plan = plan_without_training(cfg, tasks.task_for(cfg), n_train)
     try:
-        run = methods.RunInfo(total_steps=steps, seed=cfg.seed, rank=budget_rank(cfg), adapter_params=0,
-                              targets=list(cfg.target_modules or []), modules_to_save=[], lora_alpha=cfg.lora_alpha,
-                              lora_dropout=cfg.lora_dropout)
-        cls(cls.make_settings(cfg.method_settings, run), run).check()
+        build_method(cfg, plan).check()
     except FWLoRAError as e:  # UserError and the method's own setting errors
-        return f"{e} (batch_size {cfg.batch_size}, {cfg.epochs} epochs of {n_train} examples: {steps} steps)"
+        return f"{e} (batch_size {cfg.batch_size}, {cfg.epochs} epochs of {n_train} examples: {plan.total_steps} steps)"
     return None
 
 
@@ -117,7 +81,7 @@ class Sweep:
         self.pruner_override = pruner
         self.store = open_storage(cfg.storage, self.output_dir, cfg.heartbeat_seconds, cfg.grace_seconds)
         self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
-        task = get_task(cfg.task)
+        task = tasks.task_for(cfg.base_config())
         self.metric = task.metric
         self.direction = "maximize" if task.higher_is_better else "minimize"
 
@@ -134,7 +98,7 @@ class Sweep:
                     except FWLoRAError as e:
                         raise UserError(f"search space: {p.name} = {value!r} is not a valid setting "
                                         f"for {method}: {e}") from None
-        n_train = train_size(self.cfg.task, self.cfg.settings.get("data_dir"), self.cfg.settings.get("train_limit"))
+        n_train = train_size(self.cfg.base_config())
         for method in self.cfg.methods:
             self._warn_infeasible(method, n_train)
         return n_train
@@ -346,7 +310,7 @@ class Sweep:
         metric, better = self.metric, (max if self.direction == "maximize" else min)
         train_fn = self.train_fn
         if train_fn is None:
-            from fwlora.train import train as train_fn
+            train_fn = train
         runs: list[dict[str, Any]] = []
         for i, seed in enumerate(seeds):
             cfg = first.replace(seed=seed, output_dir=str(self.run_dir(study.study_name, trial.number, seed)))

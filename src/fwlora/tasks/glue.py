@@ -1,34 +1,26 @@
-"""Tasks: GLUE classification (here) and instruction tuning (fwlora.instruct), behind one Task interface.
+"""GLUE classification tasks (cola, sst2, mrpc, rte, qnli, qqp, mnli, wnli) from a local directory or the hub,
+and the classification Task that a user's own labelled file also uses (files.py).
 
-`get_task(name)` returns an object the training loop drives without asking which kind of task it is:
-load -> encode -> collator -> evaluate, plus the model kind to build and the headline metric.
-
-GLUE tasks come from a local directory or the Hugging Face hub.
-
-Local layout (see ../shared/glue/README.md): <data_dir>/<task>/{train,validation}.tsv, UTF-8, a header
+Local layout (the shared GLUE copy's README): <data_dir>/<task>/{train,validation}.tsv, UTF-8, a header
 `sentence<TAB>label` or `sentence1<TAB>sentence2<TAB>label`, no quoting. The directory comes from
 --data-dir or $FWLORA_DATA_DIR; without one, the `datasets` hub loader (nyu-mll/glue) is tried.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable
 
 import numpy as np
 
 from fwlora.errors import DataError, UserError
+from fwlora.tasks.base import DATA_DIR_ENV, SEQUENCE_CLASSIFICATION, read_lines, register_task, resolve_data_dir
 
 log = logging.getLogger(__name__)
-
-DATA_DIR_ENV = "FWLORA_DATA_DIR"
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -67,7 +59,8 @@ _HUB_COLUMNS = {"qqp": ("question1", "question2"), "qnli": ("question", "sentenc
 
 def task_spec(name: str) -> TaskSpec:
     if name == "stsb":
-        raise UserError("stsb is a regression task; fwlora trains classification tasks: " + ", ".join(TASKS))
+        raise UserError("stsb is a regression task: train it as your own data (--dataset FILE with a float label "
+                        "column); GLUE's classification tasks: " + ", ".join(TASKS))
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
@@ -77,28 +70,6 @@ def task_spec(name: str) -> TaskSpec:
 class Example:
     texts: tuple[str, ...]
     label: int
-
-
-def read_lines(path: Path, expected: str) -> list[str]:
-    """The lines of a UTF-8 data file (a leading BOM dropped, the final line end not a line), with errors
-    that name the file and line: unreadable, not UTF-8, empty (`expected` says what should be there)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if raw.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the data
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    if not text:
-        raise DataError(f"{path}: the file is empty (expected {expected})")
-    lines = text.split("\n")
-    if lines[-1] == "":  # the file's final line end
-        lines.pop()
-    return lines
 
 
 def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
@@ -140,17 +111,6 @@ def read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_0" or Arabic-Indic digits
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """--data-dir, else $FWLORA_DATA_DIR, else None (the hub)."""
-    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
-    if not chosen:
-        return None
-    path = Path(chosen).expanduser()
-    if not path.is_dir():
-        raise DataError(f"data directory {path} does not exist")
-    return path
-
-
 def load_task(task: str, data_dir: str | os.PathLike | None = None) -> tuple[list[Example], list[Example], str]:
     """(train, validation, source) of a task, from the local directory or else the hub."""
     spec = task_spec(task)
@@ -190,16 +150,6 @@ def _has_no_pair_template(tokenizer: Any) -> bool:
         return False
 
 
-def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
-    """A seeded random subset of `limit` examples (the same for every method and run seed), in file order."""
-    if limit is None or limit >= len(examples):
-        return examples
-    if limit < 1:
-        raise UserError(f"--train-limit must be >= 1, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in keep]
-
-
 PAIR_SEPARATOR = "\n"
 
 
@@ -232,48 +182,24 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, pair: bool) ->
     return out
 
 
-# ---- the Task interface ----------------------------------------------------------------------------
+def gather_logits(model: Any, eval_loader: Any, accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the whole evaluation set, gathered across processes (float32 numpy arrays, in the
+    loader's order); restores the model's mode."""
+    import torch
 
-SEQUENCE_CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"  # = models.MODEL_KINDS
-
-
-@runtime_checkable
-class Task(Protocol):
-    """What the training loop needs from a task, whatever its kind.
-
-    name, metric (the headline key of evaluate()'s dict), higher_is_better, model_kind
-    ("sequence-classification" | "causal-lm", for models.load_backbone), num_labels (None for causal LM).
-    """
-
-    name: str
-    metric: str
-    higher_is_better: bool
-    model_kind: str
-    num_labels: int | None
-
-    def load(self, data_dir: str | os.PathLike | None = None) -> tuple[list, list, str]:
-        """(train examples, evaluation examples, source)."""
-
-    def encode(self, examples: list, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-        """Tokenised examples, unpadded, with their `labels`."""
-
-    def encode_eval(self, examples: list, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-        """encode() plus what evaluate() needs besides the model inputs (instruction tasks: the prompt
-        length and reference answer)."""
-
-    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-        """Pads a list of encoded examples into a batch of tensors (training)."""
-
-    def eval_collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-        """The same for encode_eval() examples; evaluate() expects its batches."""
-
-    def evaluate(self, model: Any, eval_loader: Any, accelerator: Any, tokenizer: Any,
-                 max_new_tokens: int | None = None) -> dict[str, float]:
-        """Metrics over the whole evaluation set, gathered across processes; restores the model's mode.
-        max_new_tokens: the generation limit of tasks that generate (None: the task's default)."""
-
-    def majority_baseline(self, eval_examples: list) -> dict[str, float] | None:
-        """The metrics a constant majority-class predictor gets (None where that means nothing)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        with torch.no_grad():
+            for batch in eval_loader:
+                out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                z, y = accelerator.gather_for_metrics((out.float(), batch["labels"]))
+                logits.append(z.cpu())
+                labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 @dataclass(frozen=True)
@@ -317,23 +243,17 @@ class ClassificationTask:
     def eval_collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return self.collator(tokenizer)
 
+    @property
+    def label_names(self) -> None:
+        return None  # GLUE's labels are the integers of its files
+
     def evaluate(self, model: Any, eval_loader: Any, accelerator: Any, tokenizer: Any = None,
                  max_new_tokens: int | None = None) -> dict[str, float]:
-        import torch
+        logits, labels = gather_logits(model, eval_loader, accelerator)
+        return self.metrics(labels, logits)
 
-        was_training = model.training
-        model.eval()
-        preds, labels = [], []
-        try:
-            with torch.no_grad():
-                for batch in eval_loader:
-                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-                    preds.append(p.cpu())
-                    labels.append(y.cpu())
-        finally:
-            model.train(was_training)
-        return classification_metrics(torch.cat(labels).numpy(), torch.cat(preds).numpy(), self.is_pair)
+    def metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+        return classification_metrics(labels, logits.argmax(-1), self.is_pair)
 
     def majority_baseline(self, eval_examples: list[Example]) -> dict[str, float]:
         """Predicting the most frequent evaluation class (the lowest on a tie) for every example:
@@ -345,18 +265,5 @@ class ClassificationTask:
         return classification_metrics(labels, np.full_like(labels, majority), self.is_pair)
 
 
-def get_task(name: str, *, max_new_tokens: int | None = None) -> Task:
-    """The Task called `name`: a GLUE task (cola, sst2, ...) or an instruction task (gsm8k, alpaca, dolly).
-
-    max_new_tokens: GSM8K's generation limit for exact match (default 256); other tasks ignore it.
-    """
-    if name in TASKS:
-        return ClassificationTask(TASKS[name])
-    from fwlora import instruct
-
-    if name in instruct.INSTRUCTION_TASKS:
-        return instruct.get_instruction_task(name, max_new_tokens=max_new_tokens)
-    if name == "stsb":
-        task_spec(name)  # the regression message
-    raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (GLUE classification), "
-                    f"{', '.join(instruct.INSTRUCTION_TASKS)} (instruction tuning)")
+for _name in TASKS:
+    register_task(_name, lambda _n=_name, **_: ClassificationTask(TASKS[_n]), "GLUE classification")

@@ -1,11 +1,11 @@
-"""Plain LoRA: the reference every other method is compared with."""
+"""Plain LoRA (PEFT's): the reference every other method is compared with and timed against."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from fwlora.methods import register
-from fwlora.methods.base import Method, lora_config
+from fwlora.methods.base import REFERENCE, Method, lora_config
+from fwlora.methods.registry import register
 
 
 def default_alpha(rank: int) -> float:
@@ -16,6 +16,7 @@ def default_alpha(rank: int) -> float:
 @register
 class LoRA(Method):
     name, label = "lora", "LoRA"
+    colour, line_style, role = "tab:blue", ("-", "o"), REFERENCE
 
     def build(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model

@@ -1,5 +1,5 @@
 """fwrank as a plug-in: LoRA during a measuring warm-up, then Fisher-guided ranks at the same budget
-(fwlora.allocation holds the math, the resize and the library class).
+(allocation.py holds the library class, rules.py the rules, resize.py the resize).
 
 Budget parity: the allocation spends at most LoRA's adapter size at the run's rank r (also AdaLoRA's final
 budget at target_r). The warm-up trains AdaLoRA's init_r = ceil(1.5 r) by default (fwrank_warmup_rank: at most
@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwlora.allocation import FisherRankAllocation, FWRankConfig
 from fwlora.errors import UserError
-from fwlora.methods import register
-from fwlora.methods.base import Method, RunInfo, lora_config
+from fwlora.methods.base import WITHIN_LORA_TIME, Method, RunInfo, lora_config
+from fwlora.methods.fwrank.allocation import FisherRankAllocation
+from fwlora.methods.fwrank.config import FWRankConfig
+from fwlora.methods.fwrank.resize import refresh_optimizer
+from fwlora.methods.registry import register
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FWRankSettings(FWRankConfig):
     warmup_rank: int | None = field(default=None, metadata={
         "help": "LoRA rank during the warm-up, at most AdaLoRA's init_r = ceil(1.5 r) (the default: both adaptive "
@@ -43,6 +45,11 @@ class FWRank(Method):
         "fwrank_warmup_steps": {"type": "categorical", "choices": [100, 200, 300, 500]},
         "fwrank_r_max": {"type": "categorical", "choices": [4, 8, 16]},
     }
+    colour, line_style = "tab:red", ("-.", "D")
+    time_hypothesis = WITHIN_LORA_TIME
+    importance_column, rank_column = "importance", "fwrank_rank"
+    figures = ("ranks",)
+    warmup_phase = "the Fisher warm-up"
 
     @classmethod
     def run_values(cls, run: RunInfo) -> dict[str, Any]:
@@ -56,8 +63,9 @@ class FWRank(Method):
         s, run = self.settings, self.run
         k = self.config().warmup_steps
         if k >= run.total_steps:
-            raise UserError(f"fwrank-warmup-steps = {s.warmup_steps} ({k} steps) >= the run's {run.total_steps} optimizer "
-                            "steps: the ranks would never be allocated; lower --fwrank-warmup-steps")
+            given = s.warmup_steps if k == s.warmup_steps else f"{s.warmup_steps} ({k} steps)"
+            raise UserError(f"fwrank-warmup-steps = {given} >= the run's {run.total_steps} optimizer steps: the ranks "
+                            "would never be allocated; lower --fwrank-warmup-steps")
         init_r = math.ceil(1.5 * run.rank)
         if s.warmup_rank is not None and not 1 <= s.warmup_rank <= init_r:
             raise UserError(f"fwrank-warmup-rank = {s.warmup_rank}: must lie in [1, {init_r}] (AdaLoRA's init_r at "
@@ -85,6 +93,9 @@ class FWRank(Method):
         # after optimizer.step(): the K-th update is in dW before the resize compresses it
         return self.allocation.step(grad_scale=self._grad_scale)
 
+    def refresh_optimizer(self, optimizer: Any) -> None:
+        refresh_optimizer(optimizer, self.model)
+
     def warmup_steps(self) -> int | None:
         return self.allocation.config.warmup_steps
 
@@ -108,12 +119,22 @@ class FWRank(Method):
                 "dropped_matrices": sum(r == 0 for r in ranks.values()) if ranks else None,
                 "ranks": {_short(n): r for n, r in ranks.items()}}
 
+    def log_values(self, step: int) -> dict[str, float]:
+        """At the resize: each matrix's new rank (for the trackers)."""
+        if step + 1 != self.allocation.config.warmup_steps or not self.allocation.ranks:
+            return {}
+        return {f"rank/{_short(n)}": float(r) for n, r in self.allocation.ranks.items()}
+
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         fisher = self.allocation.fisher
         total = sum(fisher.values()) or 1.0
-        return {"fwrank_rank": {_short(n): r for n, r in self.allocation.ranks.items()},
-                "fisher": {_short(n): v for n, v in fisher.items()},
-                "importance": {_short(n): v / total for n, v in fisher.items()}}
+        columns = {"fwrank_rank": {_short(n): r for n, r in self.allocation.ranks.items()},
+                   "fisher": {_short(n): v for n, v in fisher.items()},
+                   "importance": {_short(n): v / total for n, v in fisher.items()}}
+        for signal, values in self.allocation.signals.items():  # record_signals: every rule's signal at step K
+            if signal != "fisher":
+                columns[f"signal_{signal}"] = {_short(n): v for n, v in values.items()}
+        return columns
 
     def close(self) -> None:
         self.allocation.remove()

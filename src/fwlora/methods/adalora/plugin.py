@@ -23,8 +23,8 @@ from torch import nn
 from fwlora.budget import adalora_ranks
 from fwlora.errors import UserError
 from fwlora.files import read_json, write_json
-from fwlora.methods import register
-from fwlora.methods.base import Method, with_help
+from fwlora.methods.base import RIVAL, Method, TimeHypothesis, with_help
+from fwlora.methods.registry import register
 
 
 def default_alpha(init_r: int) -> float:
@@ -88,11 +88,21 @@ class AdaLoRASettings:
             raise bad("init_r", "must be an integer >= 1 (and >= the run's rank)")
 
 
+# what the report shows of an AdaLoRA run: its resolved schedule (method_info), not the fractions it was given
+SCHEDULE_INFO = ("init_r", "target_r", "lora_alpha", "total_step", "tinit", "tfinal", "deltaT", "orth_reg_weight",
+                 "beta1", "beta2")
+
+
 @register
 class AdaLoRA(Method):
     name, label = "adalora", "AdaLoRA"
     Settings = AdaLoRASettings
     prefix = "adalora_"
+    colour, line_style, role = "tab:orange", ("--", "s"), RIVAL
+    # METHOD.md: AdaLoRA costs about 10-20 % more than LoRA
+    time_hypothesis = TimeHypothesis(1.12, tolerance=0.05, source="METHOD.md: AdaLoRA ~1.12x LoRA")
+    rank_column, rank_unit = "adalora_rank", "kept singular values"
+    report_info = SCHEDULE_INFO
 
     def check(self) -> list[str]:
         s = self.settings
