@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from fwlora.report.aggregate import Columns, pooled_over_tasks  # noqa: E402
+from fwlora.report.columns import Columns  # noqa: E402
+from fwlora.report.verdicts import pooled_over_tasks  # noqa: E402
 from fwlora.report.stats import paired_ci  # noqa: E402
 from fwlora.report.text import fmt_ci, markdown_table  # noqa: E402
 

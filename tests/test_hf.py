@@ -156,3 +156,152 @@ def test_rank_trainer_saves_and_resumes_past_the_resize(tmp_path):
     b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
+
+
+# ---- the callbacks alone: a plain Trainer subclass, TRL's SFTTrainer ------------------------------------------
+
+
+def own_trainer(tmp_path, callback_for, steps=6, save_steps=None, model=None, cls=None, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    class UserTrainer(Trainer):  # a subclass of the user's, with nothing of fwlora in it
+        pass
+
+    torch.manual_seed(0)
+    model = model or lora(tiny_bert(dtype=torch.float32), init_b=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=steps,
+                             learning_rate=0.05, lr_scheduler_type="constant", max_grad_norm=1.0, report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_drop_last=True,
+                             disable_tqdm=True, weight_decay=0.0, save_strategy="steps" if save_steps else "no",
+                             save_steps=save_steps or 500, **kw)
+    trainer = (cls or UserTrainer)(model=model, args=args, train_dataset=ListDataset(batch(n=16 * steps, seed=1)))
+    trainer.add_callback(callback_for(model, trainer))
+    return trainer
+
+
+def fw_callback(config):
+    from fwlora.hf import FWLoRACallback
+
+    return lambda model, trainer: FWLoRACallback(FisherWeightedLoRA(model, config), trainer)
+
+
+def rank_callback(config):
+    from fwlora import FisherRankAllocation
+    from fwlora.hf import FWRankCallback
+
+    return lambda model, trainer: FWRankCallback(FisherRankAllocation(model, config), trainer)
+
+
+def lora_weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("kind", ["fwlora", "fwrank"])
+def test_the_callback_alone_on_a_user_trainer_resumes_to_the_uninterrupted_result(tmp_path, kind):
+    from fwlora import FWRankConfig
+
+    if kind == "fwlora":  # K as a fraction of the run: 0.5 of 6 steps = 3; the penalty from step 4 on
+        make = fw_callback(FWLoRAConfig(warmup_steps=0.5, lambda_fw=2.0, estimator="exact", measure_every=1))
+    else:
+        make = rank_callback(FWRankConfig(target_rank=2, warmup_steps=0.5, sketch_size=0, r_max=4, measure_every=1))
+    straight = own_trainer(tmp_path / "a", make)
+    straight.train()
+    first = own_trainer(tmp_path / "b", make, save_steps=4)
+    first.train()
+    resumed = own_trainer(tmp_path / "b", make)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    state = straight.callback_handler.callbacks[-1]
+    again = resumed.callback_handler.callbacks[-1]
+    if kind == "fwlora":
+        assert state.fw.config.warmup_steps == 3 and state.fw.penalty().item() > 0
+        assert again.fw.fisher == pytest.approx(state.fw.fisher, rel=1e-9)
+    else:
+        assert state.allocation.config.warmup_steps == 3 and again.allocation.ranks == state.allocation.ranks
+    a, b = lora_weights(straight), lora_weights(resumed)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_the_fw_callback_adds_the_penalty_s_gradient(tmp_path):
+    """lambda = 0 and lambda > 0 give the same weights through the warm-up (checkpoint at K = 3) and part after."""
+    from safetensors.torch import load_file
+
+    free = own_trainer(tmp_path / "a", fw_callback(FWLoRAConfig(warmup_steps=3, lambda_fw=0.0, estimator="exact")),
+                       save_steps=3)
+    free.train()
+    paid = own_trainer(tmp_path / "b", fw_callback(FWLoRAConfig(warmup_steps=3, lambda_fw=50.0, estimator="exact")),
+                       save_steps=3)
+    paid.train()
+    a, b = (load_file(str(tmp_path / d / "checkpoint-3" / "adapter_model.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # no penalty in the warm-up
+    a, b = lora_weights(free), lora_weights(paid)
+    assert any(not torch.allclose(a[n], b[n]) for n in a)
+
+
+def test_penalty_gradients_equal_autograd_of_the_penalty_in_the_loss():
+    model = lora(tiny_bert())
+    fw = FisherWeightedLoRA(model, FWLoRAConfig(warmup_steps=1, lambda_fw=3.0, estimator="exact"))
+    model(**batch()).loss.backward()
+    fw.step()
+    model.zero_grad()
+    fw.add_penalty_gradients()
+    closed = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    model.zero_grad()
+    fw.penalty().backward()
+    for n, p in model.named_parameters():
+        if n in closed:
+            torch.testing.assert_close(closed[n], p.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_an_unreachable_warmup_is_refused_before_training(tmp_path):
+    from fwlora.errors import MethodError
+
+    trainer = own_trainer(tmp_path, fw_callback(FWLoRAConfig(warmup_steps=10)), steps=4)
+    with pytest.raises(MethodError, match="warmup_steps = 10 >= the run's 4 optimizer steps"):
+        trainer.train()
+    assert not any(p.grad is not None for p in trainer.model.parameters())
+
+
+def test_trl_sft_trainer_takes_the_callback_and_resumes(tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is not installed")
+    from test_instruct import save_tiny_decoder, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from fwlora import FWRankConfig
+
+    def decoder():
+        from peft import LoraConfig, get_peft_model
+
+        path = save_tiny_decoder(tmp_path / "llama", "llama") if not (tmp_path / "llama").is_dir() else tmp_path / "llama"
+        torch.manual_seed(0)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=3, lora_alpha=6,
+                              target_modules=["q_proj", "v_proj", "down_proj"]))
+
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "the cat"}],
+                               "completion": [{"role": "assistant", "content": "sat on the mat"}]}] * 48)
+
+    def run(out, resume=None, save_steps=None):
+        model = decoder()
+        args = trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=8, max_steps=6, learning_rate=0.05,
+                             lr_scheduler_type="constant", report_to=[], logging_strategy="no", use_cpu=True, seed=0,
+                             data_seed=0, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                             disable_tqdm=True, max_length=32)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer(True))
+        from fwlora import FisherRankAllocation
+        from fwlora.hf import FWRankCallback
+
+        trainer.add_callback(FWRankCallback(FisherRankAllocation(trainer.model, FWRankConfig(
+            target_rank=2, warmup_steps=2, sketch_size=0, r_max=4, measure_every=1)), trainer))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", save_steps=4)
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-4"))
+    a, b = lora_weights(straight), lora_weights(resumed)
+    assert a.keys() == b.keys() and any(a[n].shape[0] != 3 for n in a if "lora_A" in n)  # resized from rank 3
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)

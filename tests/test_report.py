@@ -207,10 +207,12 @@ def test_verdict_follows_the_interval():
     worse = report.paired_ci([-0.05, -0.06, -0.055])
     assert report.difference_verdict(better, "FW-LoRA", "AdaLoRA").startswith("FW-LoRA better than AdaLoRA at 95 %")
     assert report.difference_verdict(worse, "FW-LoRA", "AdaLoRA").startswith("FW-LoRA worse than AdaLoRA at 95 %")
-    assert report.fw_time_verdict(1.005) == "met"
-    assert report.fw_time_verdict(1.19) == "not met"
-    assert report.adalora_time_verdict(1.13) == "close to it"
-    assert report.adalora_time_verdict(1.40) == "slower than that"
+    from fwlora import methods  # each method's claim on time is the registry's
+
+    assert methods.time_hypothesis("fwlora").verdict(1.005) == "met"
+    assert methods.time_hypothesis("fwlora").verdict(1.19) == "not met"
+    assert methods.time_hypothesis("adalora").verdict(1.13) == "close to it"
+    assert methods.time_hypothesis("adalora").verdict(1.40) == "slower than that"
 
 
 def test_median_of_per_seed_ratios_not_ratio_of_means():

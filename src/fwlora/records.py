@@ -7,8 +7,8 @@ A run directory holds
     adapter/      the trained PEFT adapter (+ the method's own state)
 A bench directory adds bench.json (the grid and its command).
 
-result.json carries `schema_version`. Version 1 (release 1) had no version field and kept AdaLoRA's
-settings under "adalora"; `RunRecord.from_dict` reads both.
+result.json carries `schema_version`. Version 1 (release 1) had no version field and kept a method's
+resolved settings under the method's own name (only AdaLoRA had any); `RunRecord.from_dict` reads both.
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ class RunRecord:
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         values = dict(data)
         version = int(values.get("schema_version", 1))
-        if version == 1:
-            legacy = values.pop("adalora", None)
-            if legacy:
-                values["method_info"] = legacy
         config = values.get("config") if isinstance(values.get("config"), dict) else {}
         values["config"] = config
+        if version == 1:  # the method's resolved settings sat under its own name
+            legacy = values.pop(str(values.get("method") or config.get("method")), None)
+            if isinstance(legacy, dict) and legacy:
+                values["method_info"] = legacy
         for key in ("task", "method", "seed"):
             if values.get(key) is None:
                 values[key] = config.get(key)

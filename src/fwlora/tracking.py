@@ -1,8 +1,9 @@
 """Experiment tracking through Accelerate's trackers (--report-to tensorboard | mlflow | wandb | none).
 
 TensorBoard (the default) writes event files to <run dir>/tensorboard/, offline. MLflow logs to
-$MLFLOW_TRACKING_URI, else to a file store in <run dir>/mlruns/; W&B as its own settings say (WANDB_MODE=offline
-works without a network). A tracker whose package is missing is skipped with one warning: the run goes on.
+$MLFLOW_TRACKING_URI (a server, a file store with MLFLOW_ALLOW_FILE_STORE=true, ...), else to an SQLite store in
+<run dir>/mlflow.db (MLflow 3's local backend); W&B as its own settings say (WANDB_MODE=offline works without a
+network). A tracker whose package is missing is skipped with one warning: the run goes on.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def start_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> bool:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((Path(run_dir).resolve() / "mlruns").as_uri())
+            mlflow.set_tracking_uri(f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
         project = f"{PROGRAM}-{cfg.task}"
         init_kwargs = {"mlflow": {"run_name": run_name}}
     elif name == "wandb":

@@ -104,7 +104,8 @@ class Method:
     # "reference": the default column every other is compared with and timed against (LoRA); "rival": every
     # column is compared with it too, and its verdict lines name it (AdaLoRA); None: neither
     role: ClassVar[str | None] = None
-    time_hypothesis: ClassVar[TimeHypothesis | None] = None  # its claim on time; None: ratios without a verdict
+    # its claim on time; by default METHOD.md's for any method: within ~1 % of LoRA's (None: ratios, no verdict)
+    time_hypothesis: ClassVar[TimeHypothesis | None] = WITHIN_LORA_TIME
     rank_column: ClassVar[str | None] = None  # the per-matrix column (matrix_columns) holding its final ranks
     rank_unit: ClassVar[str] = "rank"  # what one unit of that rank is ("kept singular values")
     importance_column: ClassVar[str | None] = None  # a per-matrix column of importance scores that sum to 1
@@ -112,6 +113,7 @@ class Method:
     # beside the rival's and the importance), "penalty_question" (does its penalty reallocate or decay evenly?)
     figures: ClassVar[tuple[str, ...]] = ()
     report_info: ClassVar[tuple[str, ...]] = ()  # method_info keys shown as its settings (else its own settings)
+    report_info_note: ClassVar[str] = "values over all budgets"  # how the report heads those resolved values
     warmup_phase: ClassVar[str] = "its warm-up"  # how verdict lines name its warm-up steps
     Settings: ClassVar[type] = NoSettings
     prefix: ClassVar[str] = ""

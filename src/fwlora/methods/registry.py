@@ -107,8 +107,9 @@ def method_class(name: str) -> type[Method] | None:
 
 
 def time_hypothesis(name: str) -> TimeHypothesis | None:
+    """The method's claim on time; a method not registered here (an old run's plug-in) is held to the default."""
     cls = REGISTRY.get(name)
-    return cls.time_hypothesis if cls else None
+    return cls.time_hypothesis if cls else Method.time_hypothesis
 
 
 def with_figure(figure: str) -> list[str]:

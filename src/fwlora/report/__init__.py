@@ -5,7 +5,9 @@ schema version); nothing is typed by hand.
 
     load       run directories -> runs (one column per label: a method or a bench variant) -> protocols
     stats      mean/std, paired t intervals, median of per-seed ratios, verdicts (pure)
-    aggregate  per-cell and per-column statistics, comparisons with the reference and AdaLoRA, pooling
+    columns    the protocol's columns: labels, their methods, the reference and the rival (from the registry)
+    aggregate  per-cell and per-column statistics, comparisons with the reference and the rival
+    verdicts   the verdict lines, pooled over budgets and over tasks
     matrices   per-matrix numbers: the open question on FW-LoRA's weighting, final rank patterns
     settings   what the runs were made with, against METHOD.md's protocol
     plots      the PNGs (matplotlib imported lazily)
@@ -18,24 +20,23 @@ time and from the median step time. Paired differences over seeds with a Student
 per task over budgets (pairs = budget x seed).
 """
 
-from fwlora.report.aggregate import (DEFAULT_REFERENCE, Columns, cell_verdicts, columns_of, method_stats, pooled,
-                                     pooled_lines, seeds_text, summarise_protocol, task_metric)
+from fwlora.report.aggregate import method_stats, seeds_text, summarise_protocol, task_metric
+from fwlora.report.columns import Columns, columns_of, default_reference
+from fwlora.report.verdicts import cell_verdicts, pooled, pooled_lines
 from fwlora.report.load import Protocol, Run, budget_label_of, discover, load_run, relevant, split_by_settings
 from fwlora.report.matrices import matrix_question
 from fwlora.analysis import layer_kind_grid, order_kinds
 from fwlora.report.plots import write_plots
 from fwlora.report.render import detail_table, main_table, protocol_markdown, summary_csv, write_report
 from fwlora.report.settings import REFERENCE_PROTOCOL, protocol_env, protocol_settings, reduced_protocol
-from fwlora.report.stats import (ADALORA_TIME_HYPOTHESIS, CONFIDENCE, FW_TIME_HYPOTHESIS, FW_TIME_LIMIT,
-                                 MAJORITY_TOLERANCE, adalora_time_verdict, at_majority, difference_verdict,
-                                 fw_time_verdict, mean_std, median_ratio, paired_ci, per_seed_ratios)
+from fwlora.report.stats import (CONFIDENCE, MAJORITY_TOLERANCE, at_majority, difference_verdict, mean_std, median_ratio,
+                                 paired_ci, per_seed_ratios)
 from fwlora.report.text import fmt, fmt_ci, fmt_mean_std, fmt_ratio, fmt_signed, fmt_value, markdown_table, slug
 
 __all__ = [
-    "ADALORA_TIME_HYPOTHESIS", "CONFIDENCE", "Columns", "DEFAULT_REFERENCE", "FW_TIME_HYPOTHESIS", "FW_TIME_LIMIT",
-    "MAJORITY_TOLERANCE", "Protocol", "REFERENCE_PROTOCOL", "Run", "adalora_time_verdict", "at_majority",
-    "budget_label_of", "cell_verdicts", "columns_of", "detail_table", "difference_verdict", "discover", "fmt", "fmt_ci",
-    "fmt_mean_std", "fmt_ratio", "fmt_signed", "fmt_value", "fw_time_verdict", "layer_kind_grid", "load_run",
+    "CONFIDENCE", "Columns", "MAJORITY_TOLERANCE", "Protocol", "REFERENCE_PROTOCOL", "Run", "at_majority",
+    "budget_label_of", "cell_verdicts", "columns_of", "default_reference", "detail_table", "difference_verdict", "discover", "fmt", "fmt_ci",
+    "fmt_mean_std", "fmt_ratio", "fmt_signed", "fmt_value", "layer_kind_grid", "load_run",
     "main_table", "markdown_table", "matrix_question", "mean_std", "median_ratio", "method_stats", "order_kinds",
     "paired_ci", "per_seed_ratios", "pooled", "pooled_lines", "protocol_env", "protocol_markdown", "protocol_settings",
     "reduced_protocol", "relevant", "seeds_text", "slug", "split_by_settings", "summarise_protocol", "summary_csv",

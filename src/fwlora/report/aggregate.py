@@ -1,5 +1,5 @@
-"""Per-cell and per-column statistics of a protocol, the comparisons between columns, the verdict lines,
-and the pooled view over budgets. Plain data in, plain data out (what summary.json holds).
+"""Per-cell and per-column statistics of a protocol and the comparisons between columns (verdicts.py writes the
+verdict lines and the pooled views). Plain data in, plain data out (what summary.json holds).
 
 Columns are labels (a method, or a bench's named variant of one), ordered by the method registry and
 then by label. Every column is compared with the reference (LoRA unless told otherwise) and with
@@ -12,89 +12,22 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from fwlora import methods
 from fwlora.records import RunRecord, Status
+from fwlora.report.columns import Columns, columns_of, default_reference
 from fwlora.report.load import Protocol, Run, budget_sort_key
 from fwlora.report.matrices import matrix_question
 from fwlora.report.settings import bench_header, protocol_env, protocol_settings
-from fwlora.report.stats import (ADALORA_TIME_HYPOTHESIS, FW_TIME_HYPOTHESIS, FW_TIME_LIMIT, adalora_time_verdict,
-                                 at_majority, difference_verdict, fw_time_verdict, mean_std, median_ratio, paired_ci)
-from fwlora.report.text import fmt, fmt_ci, fmt_ratio, ok
+from fwlora.report.stats import at_majority, mean_std, median_ratio, paired_ci
+from fwlora.report.text import ok
+from fwlora.report.verdicts import cell_verdicts, pooled, pooled_over_tasks
 
-DEFAULT_REFERENCE = "lora"
-ADALORA = "adalora"
 # release 1 wrote FW-LoRA's warm-up timings under fw_* names; schema 2 names them for any method
 LEGACY_TIMING = {"warmup_step_seconds_median": "fw_warmup_step_seconds_median",
                  "after_warmup_step_seconds_median": "fw_after_warmup_step_seconds_median",
                  "warmup_seconds": "fw_warmup_seconds"}
 _NOT_COMPLETE = ("failed", "running", "interrupted", "pruned", "unreadable")
-
-
-@dataclass
-class Columns:
-    """A protocol's columns: labels in order, the method behind each, the printed names, the reference."""
-
-    labels: list[str]
-    method_of: dict[str, str]
-    names: dict[str, str]
-    reference: str
-
-    @property
-    def adalora(self) -> str | None:
-        """The AdaLoRA column every other column is compared with (not when it is the reference)."""
-        return ADALORA if ADALORA in self.labels and self.reference != ADALORA else None
-
-    def pairs(self) -> list[tuple[str, str]]:
-        """(a, b) for every comparison a - b: each column against the reference, then against AdaLoRA, then
-        each named variant of a method against that method's own column (fwlora_exact - FW-LoRA)."""
-        out = [(lb, self.reference) for lb in self.labels if lb != self.reference] if self.reference in self.labels else []
-        ada = self.adalora
-        if ada:
-            out += [(lb, ada) for lb in self.labels if lb not in (self.reference, ada)]
-        out += [(lb, self.method_of[lb]) for lb in self.labels
-                if self.method_of.get(lb) not in (None, lb) and self.method_of[lb] in self.labels
-                and self.method_of[lb] not in (self.reference, ada)]
-        return out
-
-    def is_adalora(self, label: str) -> bool:
-        return self.method_of.get(label) == ADALORA
-
-    def name(self, label: str) -> str:
-        return self.names.get(label) or display_name(label, label)
-
-
-def display_name(label: str, method: str) -> str:
-    """The registry's label for a method's own column (FW-LoRA); a variant's label as it is."""
-    return methods.label(method) if label == method else label
-
-
-def columns_of(p: Protocol, reference: str = DEFAULT_REFERENCE) -> Columns:
-    """The protocol's columns from its runs and from the runs its bench planned."""
-    method_of: dict[str, str] = {}
-    for r in p.runs:
-        method_of.setdefault(r.label, r.method)
-    variants = _bench_variants(p.bench or {})
-    for e in sorted(p.expected):
-        method_of.setdefault(e[2], variants.get(e[2], e[2]))
-    registry = methods.names()
-
-    def order(label: str) -> tuple[int, str, str]:
-        m = method_of[label]
-        return registry.index(m) if m in registry else len(registry), m, label
-
-    labels = sorted(method_of, key=order)
-    return Columns(labels, method_of, {lb: display_name(lb, method_of[lb]) for lb in labels}, reference)
-
-
-def _bench_variants(bench: dict[str, Any]) -> dict[str, str]:
-    """{variant: method} from bench.json (its own "variants" or its preset's), when it says."""
-    preset = bench.get("preset") if isinstance(bench.get("preset"), dict) else {}
-    table = bench.get("variants") or preset.get("variants") or {}
-    return {k: str(v["method"]) for k, v in table.items() if isinstance(v, dict) and v.get("method")} \
-        if isinstance(table, dict) else {}
 
 
 # ---- one record ------------------------------------------------------------------------------------
@@ -214,9 +147,9 @@ def curve(records: Sequence[RunRecord]) -> dict[str, list]:
 # ---- a protocol --------------------------------------------------------------------------------------
 
 
-def summarise_protocol(p: Protocol, reference: str = DEFAULT_REFERENCE) -> dict[str, Any]:
+def summarise_protocol(p: Protocol, reference: str | None = None) -> dict[str, Any]:
     """Every number of one protocol's tables, as plain data (what summary.json holds)."""
-    cols = columns_of(p, reference)
+    cols = columns_of(p, reference or default_reference())
     by: dict[tuple[str, str], dict[str, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
     for r in p.runs:
         by[(r.task, r.budget_label)][r.label][r.seed] = r
@@ -228,7 +161,8 @@ def summarise_protocol(p: Protocol, reference: str = DEFAULT_REFERENCE) -> dict[
         for budget in sorted({b for (t, b) in by if t == task}, key=budget_sort_key):
             cells.append(_cell(p, cols, task, budget, by[(task, budget)]))
     return {"label": p.label, "root": str(p.root), "split": p.split, "notes": p.notes, "methods": cols.labels,
-            "method_of": cols.method_of, "names": cols.names, "reference": cols.reference, "tasks": tasks,
+            "method_of": cols.method_of, "names": cols.names, "reference": cols.reference, "rival": cols.rival,
+            "tasks": tasks,
             "cells": cells, "pooled": pooled(cells, cols),
             "pooled_over_tasks": pooled_over_tasks(cells, cols), "settings": protocol_settings(p, cols.labels, cols.method_of),
             "env": protocol_env(p), "bench": bench_header(p), "counts": dict(sorted(_count_status(p).items()))}
@@ -293,150 +227,3 @@ def _count_status(p: Protocol) -> dict[str, int]:
     have = {r.key for r in p.runs}
     counts["missing"] = len([e for e in p.expected if e not in have])
     return counts
-
-
-# ---- verdict lines -----------------------------------------------------------------------------------
-
-
-def majority_words(names: Sequence[str], where: str = "") -> str:
-    """'LoRA at the majority class: did not learn' ('where' narrows it: ' at r1, r2')."""
-    return f"{', '.join(names)} at the majority class{where}: did not learn"
-
-
-def majority_note(names: Sequence[str], where: str = "") -> str:
-    """' (LoRA at the majority class: did not learn)' for the named columns; '' for none."""
-    return f" ({majority_words(names, where)})" if names else ""
-
-
-def _flag(cell: dict[str, Any], cols: Columns, *labels: str | None) -> str:
-    flagged = [cols.name(lb) for lb in dict.fromkeys(x for x in labels if x)
-               if (cell["methods"].get(lb) or {}).get("at_majority")]
-    return majority_note(flagged)
-
-
-def cell_verdicts(cell: dict[str, Any], cols: Columns) -> list[str]:
-    """One line per comparison and per time hypothesis, computed from the intervals and ratios; a column
-    at the majority class is flagged in every line that names it."""
-    lines = []
-    stats, pairs, hib = cell["methods"], cell["pairs"], cell.get("higher_is_better", True)
-    ref, ada, name = cols.reference, cols.adalora or (ADALORA if cols.reference == ADALORA else None), cols.name
-    for a, b in cols.pairs():
-        ci = pairs.get(f"{a}-{b}")
-        if ci is not None:
-            lines.append(f"{name(a)} − {name(b)}: {fmt_ci(ci)}: {difference_verdict(ci, name(a), name(b), higher_is_better=hib)}"
-                         + _flag(cell, cols, a, b))
-    for lb in cols.labels:
-        if lb == ref or cols.is_adalora(lb):
-            continue
-        st = stats.get(lb, {})
-        key = f"{lb}-{ada}"
-        if key not in pairs and "time_ratio" not in st:
-            continue
-        tr, sr = (st.get("time_ratio") or {}).get("median"), (st.get("step_ratio") or {}).get("median")
-        head = (f"{name(lb)} vs AdaLoRA: {fmt_ci(pairs[key])}: "
-                f"{difference_verdict(pairs[key], name(lb), name(ADALORA), higher_is_better=hib)}"
-                if key in pairs else f"{name(lb)} vs AdaLoRA: no AdaLoRA runs")
-        lines.append(f"**Verdict**: {head}; {name(lb)} time {fmt_ratio(tr, 3)} {name(ref)} (median step "
-                     f"{fmt_ratio(sr, 3)}; hypothesis: ~{FW_TIME_HYPOTHESIS:g}x, met if <= {FW_TIME_LIMIT:g}x): "
-                     f"{fw_time_verdict(tr, reference=name(ref))}" + _flag(cell, cols, lb, ada if key in pairs else None, ref))
-        if st.get("complete") and (st.get("warmup_step_seconds_median") or {}).get("mean") is not None:
-            ref_step = (stats.get(ref) or {}).get("step_seconds_median", {}).get("mean")
-            phase = "the Fisher warm-up" if cols.method_of.get(lb) in ("fwlora", "fwrank") else "its warm-up"
-            lines.append(f"{name(lb)} median step: {fmt(st['warmup_step_seconds_median']['mean'], 4)} s during {phase}, "
-                         f"{fmt((st.get('after_warmup_step_seconds_median') or {}).get('mean'), 4)} s after it "
-                         f"({name(ref)}: {fmt(ref_step, 4)} s)")
-    for lb in cols.labels:
-        st = stats.get(lb, {})
-        if lb != ref and cols.is_adalora(lb) and "time_ratio" in st:
-            tr = st["time_ratio"]["median"]
-            lines.append(f"{name(lb)} time {fmt_ratio(tr, 3)} {name(ref)} (median step "
-                         f"{fmt_ratio(st['step_ratio']['median'], 3)}; hypothesis: ~{ADALORA_TIME_HYPOTHESIS:g}x): "
-                         f"{adalora_time_verdict(tr, reference=name(ref))}" + _flag(cell, cols, lb, ref))
-    return lines
-
-
-def pooled(cells: list[dict[str, Any]], cols: Columns) -> dict[str, Any]:
-    """Per task, over all its budgets: paired differences with pairs = budget x seed, the median of all
-    per-(budget, seed) time ratios, and the verdict lines."""
-    out = {}
-    for task in dict.fromkeys(c["task"] for c in cells):
-        mine = [c for c in cells if c["task"] == task]
-        hib = next((c.get("higher_is_better", True) for c in mine), True)
-        entry: dict[str, Any] = {"budgets": [c["budget_label"] for c in mine]}
-        for a, b in cols.pairs():
-            diffs = [d for c in mine for d in (c["pairs"].get(f"{a}-{b}") or {}).get("diffs", [])]
-            ci = paired_ci(diffs)
-            entry[f"{a}-{b}"] = ci | {"verdict": difference_verdict(ci, cols.name(a), cols.name(b), unit="pairs",
-                                                                    higher_is_better=hib)}
-        for lb in cols.labels:
-            if lb == cols.reference:
-                continue
-            for kind in ("time_ratio", "step_ratio"):
-                ratios = [v for c in mine for v in ((c["methods"].get(lb) or {}).get(kind) or {}).get("ratios", {}).values()]
-                if ratios:
-                    entry[f"{lb}_{kind}"] = {"median": statistics.median(ratios), "n": len(ratios)}
-        entry["at_majority"] = {lb: [c["budget_label"] for c in mine if (c["methods"].get(lb) or {}).get("at_majority")]
-                                for lb in cols.labels}
-        entry["at_majority"] = {lb: v for lb, v in entry["at_majority"].items() if v}
-        entry["verdicts"] = _pooled_lines(entry, cols)
-        out[task] = entry
-    return out
-
-
-def pooled_over_tasks(cells: list[dict[str, Any]], cols: Columns) -> dict[str, Any] | None:
-    """Every task and budget at once, as the GLUE score averages its tasks' metrics: per seed, the mean
-    over cells of (a - b) in each cell's own metric, then a Student t interval over seeds. Only seeds
-    that every cell has a pair for count (each seed averages the same tasks); only for two or more
-    tasks whose metrics all rise with quality."""
-    tasks = list(dict.fromkeys(c["task"] for c in cells))
-    if len(tasks) < 2 or not all(c.get("higher_is_better", True) for c in cells):
-        return None
-    out: dict[str, Any] = {"tasks": tasks, "cells": [f"{c['task']} {c['budget_label']}" for c in cells]}
-    for a, b in cols.pairs():
-        cell_pairs = [c["pairs"].get(f"{a}-{b}") or {} for c in cells]
-        per_cell = [dict(zip(p.get("seeds", []), p.get("diffs", []))) for p in cell_pairs]
-        seeds = sorted(set.intersection(*(set(d) for d in per_cell))) if per_cell else []
-        means = [statistics.fmean(d[s] for d in per_cell) for s in seeds]
-        ci = paired_ci(means)
-        out[f"{a}-{b}"] = ci | {"seeds": seeds, "diffs": means,
-                                "verdict": difference_verdict(ci, cols.name(a), cols.name(b))}
-    out["verdicts"] = [f"{cols.name(a)} − {cols.name(b)}: {fmt_ci(out[f'{a}-{b}'])}: {out[f'{a}-{b}']['verdict']}"
-                       for a, b in cols.pairs()]
-    return out
-
-
-def _pooled_lines(entry: dict[str, Any], cols: Columns) -> list[str]:
-    name, ref = cols.name, cols.reference
-    budgets = entry["budgets"]
-
-    def flag(*labels: str) -> str:
-        notes = []
-        for lb in dict.fromkeys(labels):
-            where = entry["at_majority"].get(lb)
-            if where:
-                notes.append(majority_words([name(lb)], "" if len(where) == len(budgets) else f" at {', '.join(where)}"))
-        return f" ({'; '.join(notes)})" if notes else ""
-
-    lines = []
-    for a, b in cols.pairs():
-        ci = entry.get(f"{a}-{b}")
-        if ci is not None:
-            lines.append(f"{name(a)} − {name(b)}: {fmt_ci(ci)}: {ci['verdict']}" + flag(a, b))
-    for adalora_pass in (False, True):
-        for lb in cols.labels:
-            tr = entry.get(f"{lb}_time_ratio")
-            if lb == ref or not tr or cols.is_adalora(lb) != adalora_pass:
-                continue
-            if adalora_pass:
-                lines.append(f"{name(lb)} time {fmt_ratio(tr['median'], 3)} {name(ref)} over {tr['n']} pairs (hypothesis "
-                             f"~{ADALORA_TIME_HYPOTHESIS:g}x): {adalora_time_verdict(tr['median'])}" + flag(lb, ref))
-            else:
-                lines.append(f"{name(lb)} time {fmt_ratio(tr['median'], 3)} {name(ref)} over {tr['n']} pairs (median step "
-                             f"{fmt_ratio((entry.get(f'{lb}_step_ratio') or {}).get('median'), 3)}; hypothesis "
-                             f"~{FW_TIME_HYPOTHESIS:g}x): {fw_time_verdict(tr['median'])}" + flag(lb, ref))
-    return lines
-
-
-def pooled_lines(task: str, entry: dict[str, Any]) -> list[str]:
-    """The pooled verdict lines of one task (computed by pooled())."""
-    return list(entry.get("verdicts") or [])

@@ -1,6 +1,6 @@
-"""Per-matrix numbers of one cell: METHOD.md's first open question (does FW-LoRA's (1 - I_m) weighting
-reallocate the budget, or is it a near-uniform decay on dW?) and the final rank patterns of the methods
-that allocate ranks (AdaLoRA's "adalora_rank", fwrank's "fwrank_rank")."""
+"""Per-matrix numbers of one cell: METHOD.md's first open question (does a penalty method's (1 - I_m)
+weighting reallocate the budget, or is it a near-uniform decay on dW?), where each column's update goes, and
+the final rank patterns of the methods that allocate ranks (each method's rank_column, from the registry)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,27 @@ import statistics
 import warnings
 from typing import Any
 
-from fwlora import analysis
+from fwlora import analysis, methods
 from fwlora.records import RunRecord
 from fwlora.report.stats import finite
 
-# per-matrix columns that hold a method's final rank
-RANK_COLUMNS = ("adalora_rank", "fwrank_rank")
+
+
+def rank_column(method: str) -> str | None:
+    """The per-matrix column holding the method's final ranks (the registry's), or None."""
+    cls = methods.method_class(method)
+    return cls.rank_column if cls else None
+
+
+def importance_sources(method_of: dict[str, str]) -> list[str]:
+    """Columns whose runs record an importance per matrix, in registry order (a method's own column first)."""
+    out = []
+    for name, cls in methods.REGISTRY.items():
+        if cls.importance_column:
+            label = first_label(method_of, name)
+            if label:
+                out.append(label)
+    return out
 
 
 def _by_name(rec: RunRecord) -> dict[str, dict[str, Any]]:
@@ -69,7 +84,7 @@ def importance_vs_update(done: dict[str, dict[int, RunRecord]], method_of: dict[
     importance I_m on each matrix type (FW-LoRA's runs, else fwrank's), the share of ||dW_m||^2 on each
     type for every column, and Spearman(I_m, ||dW_m||) against each column's run of the same seed.
     A rank-allocation rule driven by I_m is only as good as this agreement."""
-    source = next((lb for lb in (first_label(method_of, "fwlora"), first_label(method_of, "fwrank")) if lb in done), None)
+    source = next((lb for lb in importance_sources(method_of) if lb in done), None)
     if source is None:
         return None
     importance = {seed: {n: m.get("importance") for n, m in _by_name(rec).items()} for seed, rec in done[source].items()}
@@ -103,7 +118,10 @@ def matrix_question(done: dict[str, dict[int, RunRecord]], method_of: dict[str, 
     """The open question for one (task, budget): numbers from FW-LoRA's I_m and from ‖dW_m‖ matched by
     matrix name with the reference's run of the same seed (AdaLoRA's shift given as the scale of a
     method that does reallocate); effective ranks of every column; final rank patterns."""
-    fw_label, ada_label = first_label(method_of, "fwlora"), first_label(method_of, "adalora")
+    penalty = methods.with_figure("penalty_question")
+    rival = methods.rival_name()
+    fw_label = next((lb for lb in (first_label(method_of, m) for m in penalty) if lb), None)
+    ada_label = first_label(method_of, rival) if rival else None
     fw = done.get(fw_label, {}) if fw_label else {}
     base = done.get(reference, {})
     ada = done.get(ada_label, {}) if ada_label else {}
@@ -131,11 +149,10 @@ def matrix_question(done: dict[str, dict[int, RunRecord]], method_of: dict[str, 
             out["effective_rank"][label] = analysis.spread(vals)
     out["ranks"] = {}
     for label, runs in done.items():
-        for column in RANK_COLUMNS:
-            pattern = rank_pattern(list(runs.values()), column)
-            if pattern:
-                out["ranks"][label] = pattern
-                break
+        column = rank_column(method_of.get(label, label))
+        pattern = rank_pattern(list(runs.values()), column) if column else None
+        if pattern:
+            out["ranks"][label] = pattern
     out["importance_vs_update"] = importance_vs_update(done, method_of)
     if ada_label in out["ranks"]:
         out["adalora_rank"] = out["ranks"][ada_label]

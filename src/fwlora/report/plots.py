@@ -18,18 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from fwlora import analysis
+from fwlora import analysis, methods
 from fwlora.records import RunRecord
 from fwlora.report.load import Protocol
 from fwlora.report.matrices import first_label
-from fwlora.report.stats import ADALORA_TIME_HYPOTHESIS, FW_TIME_HYPOTHESIS
 from fwlora.report.text import ok, slug
 
-COLOUR = {"lora": "tab:blue", "adalora": "tab:orange", "fwlora": "tab:green"}
-_PALETTE = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-# line style and marker per column, so that two columns with equal numbers stay visible on top of each other
-STYLE = {"lora": ("-", "o"), "adalora": ("--", "s"), "fwlora": (":", "^")}
-_STYLES = (("-.", "D"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*"))
+# colours and line styles of columns whose method does not set its own (a variant's, a plug-in's without one);
+# a method's own column takes its registry colour and style, so that two columns with equal numbers stay visible
+_PALETTE = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "tab:blue",
+            "tab:orange", "tab:green")
+_STYLES = (("-.", "D"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*"), ("-", "o"), ("--", "s"), (":", "^"))
 
 def matrix_means(records: Sequence[RunRecord], key: str) -> dict[tuple[int | None, str], float]:
     """Mean over runs of one per-matrix column, by (layer, kind), in the records' matrix order."""
@@ -74,14 +73,29 @@ def _figure(w: float, h: float) -> Any:
     return Figure(figsize=(w, h), layout="constrained")
 
 
+def _own(label: str, attribute: str) -> Any:
+    """The registry's colour or line style of a method's own column (a column named after its method)."""
+    cls = methods.method_class(label)
+    return getattr(cls, attribute) if cls is not None else None
+
+
+def _pick(label: str, labels: Sequence[str], attribute: str, choices: Sequence[Any]) -> Any:
+    """The column's own value, else the next of `choices` not taken by another column's own."""
+    own = _own(label, attribute)
+    if own is not None:
+        return own
+    taken = {_own(lb, attribute) for lb in labels} - {None}
+    free = [c for c in choices if c not in taken] or list(choices)
+    others = [lb for lb in labels if _own(lb, attribute) is None]
+    return free[others.index(label) % len(free) if label in others else 0]
+
+
 def _colour(label: str, labels: Sequence[str]) -> str:
-    others = [lb for lb in labels if lb not in COLOUR]
-    return COLOUR.get(label) or _PALETTE[others.index(label) % len(_PALETTE) if label in others else 0]
+    return _pick(label, labels, "colour", _PALETTE)
 
 
 def _style(label: str, labels: Sequence[str]) -> tuple[str, str]:
-    others = [lb for lb in labels if lb not in STYLE]
-    return STYLE.get(label) or _STYLES[others.index(label) % len(_STYLES) if label in others else 0]
+    return tuple(_pick(label, labels, "line_style", _STYLES))
 
 
 def _name(summary: dict[str, Any], label: str) -> str:
@@ -126,7 +140,7 @@ def plot_metric_vs_budget(summary: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_time_ratios(summary: dict[str, Any], path: Path) -> Path | None:
-    cells, labels, ref = summary["cells"], summary["methods"], summary.get("reference", "lora")
+    cells, labels, ref = summary["cells"], summary["methods"], summary.get("reference") or methods.reference_name()
     others = [m for m in labels if m != ref]
     if not cells or not others or not any((c["methods"].get(m) or {}).get("time_ratio", {}).get("median")
                                           for c in cells for m in others):
@@ -135,7 +149,12 @@ def plot_time_ratios(summary: dict[str, Any], path: Path) -> Path | None:
     axes = fig.subplots(2, 1, squeeze=False)[:, 0]
     x = np.arange(len(cells))
     width = 0.8 / len(others)
-    has_ada = any(summary.get("method_of", {}).get(m) == "adalora" for m in others)
+    method_of = summary.get("method_of") or {}
+    hypotheses = {}  # one dashed line per method claim among the columns, in its method's colour
+    for m in others:
+        hyp = methods.time_hypothesis(method_of.get(m, m))
+        if hyp is not None:
+            hypotheses.setdefault(hyp.ratio, (method_of.get(m, m), hyp))
     for ax, kind, what in ((axes[0], "time_ratio", "training time"), (axes[1], "step_ratio", "median step time")):
         for k, m in enumerate(others):
             rs = [(c["methods"].get(m) or {}).get(kind) or {} for c in cells]
@@ -148,10 +167,9 @@ def plot_time_ratios(summary: dict[str, Any], path: Path) -> Path | None:
             ax.errorbar(pos[good], med[good], yerr=[med[good] - lo[good], hi[good] - med[good]], fmt="none",
                         ecolor="black", capsize=3)
         ax.axhline(1.0, color=_colour(ref, labels), lw=1, label=_name(summary, ref))
-        ax.axhline(FW_TIME_HYPOTHESIS, color="tab:green", ls="--", lw=1, label=f"hypothesis {FW_TIME_HYPOTHESIS:g}x")
-        if has_ada:
-            ax.axhline(ADALORA_TIME_HYPOTHESIS, color="tab:orange", ls="--", lw=1,
-                       label=f"AdaLoRA hypothesis {ADALORA_TIME_HYPOTHESIS:g}x")
+        for ratio, (method, hyp) in sorted(hypotheses.items()):
+            ax.axhline(ratio, color=_own(method, "colour") or "tab:gray", ls="--", lw=1,
+                       label=f"{methods.label(method)} hypothesis {ratio:g}x")
         ax.set_xticks(x, [f"{c['task']}\n{c['budget_label']}" for c in cells])
         ax.set_ylabel(f"{what} / {_name(summary, ref)}'s")
         ax.set_title(f"{what}: median of per-seed ratios to {_name(summary, ref)}\n(black bars: min to max over seeds)",
@@ -194,8 +212,14 @@ def _middle_cell(cells: list[dict[str, Any]], task: str, need: Sequence[str] = (
     return mine[len(mine) // 2] if mine else None
 
 
-def plot_importance(cell: dict[str, Any], fw: Sequence[RunRecord], label: str, path: Path, name: str = "FW-LoRA") -> Path | None:
-    values = matrix_means(fw, "importance")
+def _penalty_label(method_of: dict[str, str]) -> str | None:
+    """The column of the method whose penalty the open question is about (the registry's penalty_question)."""
+    return next((lb for lb in (first_label(method_of, m) for m in methods.with_figure("penalty_question")) if lb), None)
+
+
+def plot_importance(cell: dict[str, Any], fw: Sequence[RunRecord], label: str, path: Path, name: str,
+                    column: str = "importance") -> Path | None:
+    values = matrix_means(fw, column)
     if not values:
         return None
     from matplotlib.colors import LogNorm
@@ -215,13 +239,14 @@ def plot_importance(cell: dict[str, Any], fw: Sequence[RunRecord], label: str, p
 
 def plot_matrices(cell: dict[str, Any], done: dict[str, list[RunRecord]], summary: dict[str, Any], path: Path) -> Path | None:
     """‖dW‖ and effective rank per matrix for every column side by side (shared colour scale per row when
-    comparable), AdaLoRA's final rank pattern, and FW-LoRA's / the reference's ‖dW‖ per matrix."""
+    comparable), the rival's final rank pattern (AdaLoRA's), and the penalty method's (FW-LoRA's) ‖dW‖ over the
+    reference's per matrix."""
     from matplotlib.colors import TwoSlopeNorm
 
     labels = [lb for lb in summary["methods"] if done.get(lb)]
     if not labels:
         return None
-    method_of, ref = summary.get("method_of") or {}, summary.get("reference", "lora")
+    method_of, ref = summary.get("method_of") or {}, summary.get("reference") or methods.reference_name()
     norms = {m: matrix_means(done[m], "fro_norm") for m in labels}
     ranks = {m: matrix_means(done[m], "effective_rank") for m in labels}
     layers, _, _ = analysis.layer_kind_grid(next(iter(norms.values())) or {(0, "?"): 0.0})
@@ -240,16 +265,19 @@ def plot_matrices(cell: dict[str, Any], done: dict[str, list[RunRecord]], summar
                  vmin=min(nv, default=0) if shared else None, vmax=max(nv, default=1) if shared else None)
         _heatmap(fig, axes[1, j], ranks[m], f"{_name(summary, m)}: effective rank", cmap="cividis",
                  vmin=0, vmax=max(rv, default=1))
-    ada = first_label(method_of, "adalora")
-    _heatmap(fig, axes[0, n], matrix_means(done.get(ada) or [], "adalora_rank") if ada else {},
-             "AdaLoRA: final rank (kept singular values)", cmap="Oranges", annotate=".1f")
-    fw = first_label(method_of, "fwlora")
+    rival = methods.rival_name()
+    ada = first_label(method_of, rival) if rival else None
+    rank_col = getattr(methods.method_class(rival), "rank_column", None) if rival else None
+    _heatmap(fig, axes[0, n], matrix_means(done.get(ada) or [], rank_col) if ada and rank_col else {},
+             f"{methods.label(rival) if rival else 'the rival'}: final rank "
+             f"({getattr(methods.method_class(rival), 'rank_unit', 'rank')})", cmap="Oranges", annotate=".1f")
+    fw = _penalty_label(method_of)
     ratio = {}
     if fw in norms and ref in norms:
         a, b = norms[fw], norms[ref]
         ratio = {k: math.log2(a[k] / b[k]) for k in a if k in b and a[k] > 0 and b[k] > 0}
     span = max((abs(v) for v in ratio.values()), default=1.0) or 1.0
-    _heatmap(fig, axes[1, n], ratio, f"log2(‖dW‖ {_name(summary, fw) if fw else 'FW-LoRA'} / {_name(summary, ref)})\n"
+    _heatmap(fig, axes[1, n], ratio, f"log2(‖dW‖ {_name(summary, fw) if fw else 'penalty'} / {_name(summary, ref)})\n"
              "(mean ‖dW‖ over seeds)", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -span, span),
              annotate=".2f" if span >= 0.05 else None)  # else: read the colour bar
     fig.suptitle(f"{summary['label']}: {cell['task']} {cell['budget_label']}: final update per matrix", fontsize=10)
@@ -257,10 +285,11 @@ def plot_matrices(cell: dict[str, Any], done: dict[str, list[RunRecord]], summar
 
 
 def plot_rank_allocation(cell: dict[str, Any], fwrank: Sequence[RunRecord], ada: Sequence[RunRecord], names: tuple[str, str],
-                         label: str, path: Path) -> Path | None:
-    """Three layer x matrix-type heatmaps side by side: fwrank's final ranks, AdaLoRA's final rank
-    pattern (one colour scale for the two), and the Fisher importance fwrank allocated by."""
-    mine, theirs = matrix_means(fwrank, "fwrank_rank"), matrix_means(ada, "adalora_rank")
+                         label: str, path: Path, columns: tuple[str, str]) -> Path | None:
+    """Three layer x matrix-type heatmaps side by side: a rank-allocating method's final ranks (fwrank's), the
+    rival's final rank pattern (AdaLoRA's; one colour scale for the two), and the importance it allocated by.
+    columns: the per-matrix rank columns of the two (the registry's rank_column)."""
+    mine, theirs = matrix_means(fwrank, columns[0]), matrix_means(ada, columns[1])
     if not mine and not theirs:
         return None
     importance = {k: 100 * v for k, v in importance_means(fwrank).items()}
@@ -317,8 +346,13 @@ def write_plots(p: Protocol, summary: dict[str, Any], out_dir: Path, prefix: str
 
     keep("metric_vs_budget", plot_metric_vs_budget(summary, out_dir / f"{prefix}_metric_vs_budget.png"))
     keep("time_ratios", plot_time_ratios(summary, out_dir / f"{prefix}_time_ratios.png"))
-    fw, ada = first_label(method_of, "fwlora"), first_label(method_of, "adalora")
-    fwranks = [lb for lb in summary["methods"] if method_of.get(lb) == "fwrank"]
+    drawn = [first_label(method_of, m) for m in methods.with_figure("importance")]
+    fw = next((lb for lb in drawn if lb), None)
+    rival = methods.rival_name()
+    ada = first_label(method_of, rival) if rival else None
+    rival_column = getattr(methods.method_class(rival), "rank_column", None) if rival else None
+    allocating = set(methods.with_figure("ranks"))
+    fwranks = [lb for lb in summary["methods"] if method_of.get(lb) in allocating]
     for task in summary["tasks"]:
         t = slug(task)
         cell = _middle_cell(summary["cells"], task, need=[fw] if fw else ())
@@ -326,15 +360,18 @@ def write_plots(p: Protocol, summary: dict[str, Any], out_dir: Path, prefix: str
             budget = cell["budget_label"]
             done = {lb: records(task, budget, lb) for lb in summary["methods"]}
             if fw:
+                column = methods.method_class(method_of.get(fw, fw)).importance_column
                 keep("importance", plot_importance(cell, done[fw], summary["label"],
-                                                   out_dir / f"{prefix}_{t}_{budget}_importance.png", _name(summary, fw)))
+                                                   out_dir / f"{prefix}_{t}_{budget}_importance.png", _name(summary, fw),
+                                                   column))
             keep("matrices", plot_matrices(cell, done, summary, out_dir / f"{prefix}_{t}_{budget}_matrices.png"))
-        for lb in fwranks if ada else []:
+        for lb in fwranks if ada and rival_column else []:
             rc = _middle_cell(summary["cells"], task, need=[lb, ada])
             mine, theirs = (records(task, rc["budget_label"], lb), records(task, rc["budget_label"], ada)) if rc else ([], [])
             if mine and theirs:
                 keep("ranks", plot_rank_allocation(rc, mine, theirs, (_name(summary, lb), _name(summary, ada)),
                                                    summary["label"],
-                                                   out_dir / f"{prefix}_{t}_{rc['budget_label']}_{slug(lb)}_ranks.png"))
+                                                   out_dir / f"{prefix}_{t}_{rc['budget_label']}_{slug(lb)}_ranks.png",
+                                                   (methods.method_class(method_of[lb]).rank_column, rival_column)))
         keep("curves", plot_curves(summary, task, out_dir / f"{prefix}_{t}_curves.png"))
     return dict(plots)

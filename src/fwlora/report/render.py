@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fwlora import analysis
+from fwlora import analysis, methods
 from fwlora.errors import UserError
 from fwlora.files import write_json, write_text_atomic
 from fwlora.records import Status
-from fwlora.report.aggregate import DEFAULT_REFERENCE, summarise_protocol
+from fwlora.report.aggregate import summarise_protocol
+from fwlora.report.columns import default_reference
 from fwlora.report.load import discover
 from fwlora.report.plots import write_plots
 from fwlora.report.stats import MAJORITY_TOLERANCE
@@ -35,16 +36,21 @@ def _name(summary: dict[str, Any], label: str) -> str:
     return _names(summary).get(label, label)
 
 
-def _adalora(summary: dict[str, Any]) -> str | None:
-    ref = summary.get("reference", DEFAULT_REFERENCE)
-    return "adalora" if "adalora" in summary["methods"] and ref != "adalora" else None
+def _reference(summary: dict[str, Any]) -> str:
+    return summary.get("reference") or default_reference()
+
+
+def _rival(summary: dict[str, Any]) -> str | None:
+    """The rival's column (AdaLoRA's), when the protocol has it and it is not the reference."""
+    rival = methods.rival_name()
+    return rival if rival in summary["methods"] and _reference(summary) != rival else None
 
 
 def _time_columns(summary: dict[str, Any]) -> list[str]:
-    """Columns with a time ratio: the methods under test first, AdaLoRA's last (as release 1 printed)."""
-    ref, method_of = summary.get("reference", DEFAULT_REFERENCE), summary.get("method_of") or {}
+    """Columns with a time ratio: the methods under test first, the rival's last (as release 1 printed)."""
+    ref, method_of, rival = _reference(summary), summary.get("method_of") or {}, methods.rival_name()
     others = [m for m in summary["methods"] if m != ref]
-    return [m for m in others if method_of.get(m) != "adalora"] + [m for m in others if method_of.get(m) == "adalora"]
+    return [m for m in others if method_of.get(m) != rival] + [m for m in others if method_of.get(m) == rival]
 
 
 def method_cell_text(stat: dict[str, Any] | None) -> str:
@@ -72,9 +78,9 @@ def _metric_heading(cell: dict[str, Any]) -> str:
 def main_table(summary: dict[str, Any]) -> str:
     """One row per task x budget: every column's final metric, the time ratios to the reference, and each
     method's paired difference with AdaLoRA (with the reference when there is no AdaLoRA)."""
-    labels, ref = summary["methods"], summary.get("reference", DEFAULT_REFERENCE)
+    labels, ref = summary["methods"], _reference(summary)
     timed = _time_columns(summary)
-    other = _adalora(summary) or (ref if ref in labels else None)  # AdaLoRA, else the reference
+    other = _rival(summary) or (ref if ref in labels else None)  # the rival, else the reference
     diffs = [m for m in labels if m not in (ref, other)] if other else []
     rows = []
     for c in summary["cells"]:
@@ -106,7 +112,7 @@ def params_text(stat: dict[str, Any]) -> str:
 
 def detail_table(cell: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
     summary = summary or {}
-    ref = summary.get("reference", DEFAULT_REFERENCE)
+    ref = summary.get("reference") or default_reference()
     rows = []
     for m, s in cell["methods"].items():
         final = fmt_mean_std(s["final"]) + (f" ({MAJORITY_MARK})" if s.get("at_majority") else "")
@@ -143,8 +149,13 @@ def _settings_md(s: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         lines.append("- Adapter alpha used: " + ", ".join(f"{n(m)} {', '.join(fmt_value(x) for x in v)}"
                                                         for m, v in s["lora_alpha"].items()))
     method_of = summary.get("method_of") or {}
-    for m, table in sorted(s["own"].items(), key=lambda kv: method_of.get(kv[0]) == "adalora"):  # AdaLoRA's schedule last
-        head = f"{n(m)} (PEFT; values over all budgets)" if method_of.get(m) == "adalora" else n(m)
+
+    def resolved(label: str) -> str | None:  # a method whose resolved values are shown (AdaLoRA's schedule): last
+        cls = methods.method_class(method_of.get(label, label))
+        return cls.report_info_note if cls and cls.report_info else None
+
+    for m, table in sorted(s["own"].items(), key=lambda kv: resolved(kv[0]) is not None):
+        head = f"{n(m)} ({resolved(m)})" if resolved(m) else n(m)
         lines.append(f"- {head}: " + ", ".join(f"{k} = {', '.join(fmt_value(x) for x in v)}" for k, v in table.items()))
     for d in s["data"]:
         lines.append(f"- Data: {d.get('source')}, {d.get('train_examples')} training / {d.get('eval_examples')} "
@@ -154,9 +165,13 @@ def _settings_md(s: dict[str, Any], summary: dict[str, Any]) -> list[str]:
 
 def _matrix_md(summary: dict[str, Any]) -> list[str]:
     rows, lines = [], []
-    labels, ref = summary["methods"], summary.get("reference", DEFAULT_REFERENCE)
+    labels, ref = summary["methods"], _reference(summary)
+    penalty = methods.with_figure("penalty_question")
+    penalty_name = methods.label(penalty[0]) if penalty else "a penalty method"
     fw_name = next((_name(summary, c["matrices"]["fw_label"]) for c in summary["cells"]
-                    if c["matrices"].get("fw_label")), "FW-LoRA")
+                    if c["matrices"].get("fw_label")), penalty_name)
+    rival = methods.rival_name()
+    rival_name = methods.label(rival) if rival else "the rival"
     for c in summary["cells"]:
         q = c["matrices"]
         imp, w, fw, ada = q.get("importance"), q.get("weights"), q.get("fw_vs_lora", {}), q.get("adalora_vs_lora", {})
@@ -179,14 +194,14 @@ def _matrix_md(summary: dict[str, Any]) -> list[str]:
         lines.append(markdown_table(
             ["task budget", "FW seeds", "I_m in %: min / median / max", "I max/min", "(1 − I_m): min / median / max",
              "(1 − I) relative range", f"log(‖dW‖ FW / {r}): mean ± spread", f"Spearman ‖dW‖ FW vs {r}",
-             f"Spearman(I_m, ‖dW‖ FW/{r})", f"log(‖dW‖ AdaLoRA / {r})",
+             f"Spearman(I_m, ‖dW‖ FW/{r})", f"log(‖dW‖ {rival_name} / {r})",
              "mean effective rank " + " / ".join(_name(summary, m) for m in labels)], rows))
         lines.append("")
         lines.append("Reading: the relative range of (1 − I_m) is (max − min) / mean, 0 for a uniform weight decay on dW. "
                      f"The log ratio compares the final ‖dW_m‖ of {fw_name} with {r}'s run of the same seed, matrix by "
                      "matrix: a mean below 0 is shrinkage; a spread near 0 with a Spearman near 1 means every matrix was "
                      "scaled alike (a uniform decay), not reallocated. Spearman(I_m, ratio) > 0 means the low-importance "
-                     "matrices were shrunk more, as the method intends. AdaLoRA's shift against LoRA is given as the "
+                     f"matrices were shrunk more, as the method intends. {rival_name}'s shift against {r} is given as the "
                      "scale of a method that does reallocate. Statistics are computed per seed and averaged.")
         for c in summary["cells"]:
             fw = c["matrices"].get("fw_vs_lora", {})
@@ -200,9 +215,9 @@ def _matrix_md(summary: dict[str, Any]) -> list[str]:
                 per = ", ".join(f"seed {x['seed']}: {fmt(x.get('importance_spearman'), 2)}" for x in fw["by_seed"])
                 lines.append(f"- {c['task']} {c['budget_label']}: Spearman(I_m, ratio) by seed: {per}")
     elif any(c["matrices"].get("fw_label") for c in summary["cells"]):
-        lines.append("No FW-LoRA run is complete in this protocol: the question cannot be answered from it.")
+        lines.append(f"No {penalty_name} run is complete in this protocol: the question cannot be answered from it.")
     else:
-        lines.append("No FW-LoRA runs in this protocol: the question (FW-LoRA's) cannot be answered from it.")
+        lines.append(f"No {penalty_name} runs in this protocol: the question ({penalty_name}'s) cannot be answered from it.")
     for m in labels:
         rank_rows = []
         for c in summary["cells"]:
@@ -213,7 +228,8 @@ def _matrix_md(summary: dict[str, Any]) -> list[str]:
                                   f"{fmt(ar['min'], 0)} / {fmt(ar['median'], 1)} / {fmt(ar['max'], 0)}",
                                   f"{100 * ar['zero_fraction']:.0f} %"])
         if rank_rows:
-            what = "kept singular values" if (summary.get("method_of") or {}).get(m) == "adalora" else "rank"
+            cls = methods.method_class((summary.get("method_of") or {}).get(m, m))
+            what = cls.rank_unit if cls else "rank"
             lines += ["", f"{_name(summary, m)}'s final rank pattern ({what} per matrix, over its seeds):", "",
                       markdown_table(["task budget", "total rank (mean)", "LoRA's total (r × matrices)",
                                       "per matrix min / median / max", "matrices pruned to rank 0"], rank_rows)]
@@ -280,13 +296,20 @@ def _header_md(summary: dict[str, Any]) -> list[str]:
     return L
 
 
-PLOT_TITLES = (("importance", "FW-LoRA importance per matrix"), ("matrices", "Final update per matrix"),
-               ("ranks", "Rank allocation: fwrank's final ranks, AdaLoRA's, and the Fisher importance"),
-               ("curves", "Learning curves"))
+def plot_titles() -> tuple[tuple[str, str], ...]:
+    """Each figure's title, naming the methods the registry says draw it."""
+    importance = methods.with_figure("importance")
+    ranks = methods.with_figure("ranks")
+    rival = methods.rival_name()
+    return (("importance", f"{methods.label(importance[0]) if importance else 'The'} importance per matrix"),
+            ("matrices", "Final update per matrix"),
+            ("ranks", f"Rank allocation: {', '.join(methods.label(m) + chr(39) + 's' for m in ranks) or 'the'} final ranks, "
+                      f"{methods.label(rival) + chr(39) + 's' if rival else 'the rival'}, and the Fisher importance"),
+            ("curves", "Learning curves"))
 
 
 def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> str:
-    ref = _name(summary, summary.get("reference", DEFAULT_REFERENCE))
+    ref = _name(summary, _reference(summary))
     L = _header_md(summary)
     L += ["", "### Main table", ""]
     L.append(f"Final-epoch metric, mean ± sample std over seeds. Time ratio: median over seeds of (method / {ref} "
@@ -329,12 +352,12 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
     L += ["", "### Open question 1: reallocation or uniform decay?", ""]
     L += _matrix_md(summary)
     L += _importance_vs_update_md(summary)
-    for kind, title in PLOT_TITLES:
+    for kind, title in plot_titles():
         for name in plots.get(kind, []):
             L += ["", f"{title}: ![{name}]({name})"]
-    has_fw = "fwlora" in (summary.get("method_of") or {}).values()
+    draws_importance = set(methods.with_figure("importance")) & set((summary.get("method_of") or {}).values())
     missing = [k for k in ("metric_vs_budget", "time_ratios", "importance", "matrices", "curves")
-               if not plots.get(k) and (k != "importance" or has_fw)]
+               if not plots.get(k) and (k != "importance" or draws_importance)]
     if missing:
         L += ["", f"Plots not drawn for lack of data: {', '.join(missing)}."]
     return "\n".join(L) + "\n"
@@ -346,8 +369,8 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
 def write_report(run_dirs: Sequence[Path], out_dir: Path, reference: str | None = None) -> dict[str, Any]:
     """Scan run_dirs, write report.md, summary.json, summary.csv and the PNGs into out_dir.
 
-    `reference`: the column every other is compared with and timed against (default "lora"; a name
-    given must be a column of some protocol). Returns {"main_table": markdown, "report": path,
+    `reference`: the column every other is compared with and timed against (default: the registry's reference
+    method, LoRA; a name given must be a column of some protocol). Returns {"main_table": markdown, "report": path,
     "summary": path, "csv": path, "plots": [paths], "protocols": [per-protocol summaries]}. Raises
     UserError for a path that does not exist, an unknown reference, or when no complete run is found.
     """
@@ -363,7 +386,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path, reference: str | None 
         found = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no run directory at all"
         raise UserError(f"no complete run (result.json with status complete) under {', '.join(map(str, run_dirs))}: "
                         f"found {found}")
-    summaries = [(p, summarise_protocol(p, reference or DEFAULT_REFERENCE)) for p in protocols if p.runs or p.expected]
+    summaries = [(p, summarise_protocol(p, reference or default_reference())) for p in protocols if p.runs or p.expected]
     if reference is not None and not any(reference in s["methods"] for _, s in summaries):
         found = sorted({m for _, s in summaries for m in s["methods"]})
         raise UserError(f"reference {reference!r} is no column of these runs; columns found: {', '.join(found)}")
@@ -407,7 +430,7 @@ def summary_csv(summaries: Sequence[dict[str, Any]]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for s in summaries:
-        ref = s.get("reference", DEFAULT_REFERENCE)
+        ref = s.get("reference") or default_reference()
         for c in s["cells"]:
             for m, st in c["methods"].items():
                 ci = c["pairs"].get(f"{m}-{ref}") or {}

@@ -20,9 +20,6 @@ REFERENCE_PROTOCOL: dict[str, Any] = {"epochs": 3, "train_limit": None, "eval_li
 HEADER_KEYS = ("model", "head", "epochs", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                "max_grad_norm", "max_length", "train_limit", "eval_limit", "lora_alpha", "lora_dropout",
                "mixed_precision", "target_modules")
-# AdaLoRA's resolved schedule as its method_info (release 1: result.json's "adalora") records it
-ADALORA_INFO_KEYS = ("init_r", "target_r", "lora_alpha", "total_step", "tinit", "tfinal", "deltaT", "orth_reg_weight",
-                     "beta1", "beta2")
 
 
 def _hashable(v: Any) -> str:
@@ -52,7 +49,7 @@ def reduced_protocol(configs: Sequence[dict[str, Any]]) -> list[str]:
 
 def protocol_settings(p: Protocol, labels: Sequence[str], method_of: dict[str, str]) -> dict[str, Any]:
     """The settings shared by every run, those that differ between columns, each column's own (its
-    method's settings; AdaLoRA's resolved schedule), and the differences from METHOD.md's protocol."""
+    method's settings, or what its method resolved: report_info), and the differences from METHOD.md's protocol."""
     configs: dict[str, list[dict]] = {lb: [r.config for r in p.runs if r.label == lb] for lb in labels}
     configs = {lb: cs for lb, cs in configs.items() if cs}
     all_configs = [c for cs in configs.values() for c in cs]
@@ -76,8 +73,9 @@ def protocol_settings(p: Protocol, labels: Sequence[str], method_of: dict[str, s
     for lb, cs in configs.items():
         method = method_of.get(lb, lb)
         info = [r.record.method_info for r in p.runs if r.label == lb and r.result and r.record.method_info]
-        if method == "adalora" and info:
-            own[lb] = {k: _values([i.get(k) for i in info]) for k in ADALORA_INFO_KEYS if any(k in i for i in info)}
+        shown = getattr(methods.method_class(method), "report_info", ())  # what it resolved (AdaLoRA's schedule)
+        if shown and info:
+            own[lb] = {k: _values([i.get(k) for i in info]) for k in shown if any(k in i for i in info)}
             continue
         mine = [k for k in dict.fromkeys(k for c in cs for k in c) if methods.owner_of(k) == method]
         table = {k: _values([c.get(k) for c in cs if k in c]) for k in mine}

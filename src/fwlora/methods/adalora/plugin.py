@@ -102,7 +102,7 @@ class AdaLoRA(Method):
     # METHOD.md: AdaLoRA costs about 10-20 % more than LoRA
     time_hypothesis = TimeHypothesis(1.12, tolerance=0.05, source="METHOD.md: AdaLoRA ~1.12x LoRA")
     rank_column, rank_unit = "adalora_rank", "kept singular values"
-    report_info = SCHEDULE_INFO
+    report_info, report_info_note = SCHEDULE_INFO, "PEFT; values over all budgets"
 
     def check(self) -> list[str]:
         s = self.settings
