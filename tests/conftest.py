@@ -15,6 +15,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait ~25 s on a hub that cannot be reached
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes (installed by the dev extra) warns at import that it cannot fetch a CPU kernel from the hub
+import logging  # noqa: E402
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]

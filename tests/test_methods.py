@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_bert
+import torch
+from conftest import batch, tiny_bert
 from test_models import build_method
 
-from fwlora import models
+from fwlora import methods, models
 from fwlora.errors import UserError
 from fwlora.methods.adalora import AdaLoraSchedule
 
@@ -31,3 +32,29 @@ def test_adalora_model_and_its_rank_pattern():
     assert len(deltas) == 12 and all(float(d.abs().max()) == 0.0 for d in deltas.values())  # E starts at 0
 
 
+def test_adalora_s_orthogonal_regulariser_is_in_the_loss_whatever_the_peft_wrapper():
+    """The generic PeftModel (a classifier without a PEFT task type) skips AdaLoraModel.forward, where PEFT adds
+    the regulariser; the plug-in adds it there, with PEFT's formula (checked against PEFT's own forward)."""
+    from peft import PeftModel
+
+    from fwlora.methods.adalora.plugin import orthogonal_regulariser
+    from fwlora.methods.base import RunInfo
+
+    model = build_method(tiny_bert(), "adalora", 2, models.TARGET_MODULES["bert"], total_steps=10, adalora_alpha=12.0)
+    assert type(model) is PeftModel  # the generic wrapper
+    run = RunInfo(total_steps=10, seed=0, rank=2, adapter_params=0, targets=models.TARGET_MODULES["bert"],
+                  modules_to_save=["classifier"], lora_alpha=None, lora_dropout=0.0)
+    method = methods.get("adalora")(methods.get("adalora").make_settings({}), run)
+    method.check()
+    method.attach(model)
+    assert method.regulariser_here
+    b = batch()
+    with torch.no_grad():
+        plain = model(**b).loss
+        with_reg = model.base_model(**b).loss  # PEFT's own AdaLoraModel.forward adds the regulariser
+        ours = method.extra_loss()
+    assert float(with_reg - plain) == pytest.approx(float(ours), rel=1e-10) and float(ours) > 0
+    factors = [(p, "lora_A" in n) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    by_hand = torch.stack([torch.linalg.matrix_norm((p @ p.T if a else p.T @ p) - torch.eye((p @ p.T if a else p.T @ p).shape[0],
+                                                                                   dtype=p.dtype)) for p, a in factors]).mean()
+    assert float(orthogonal_regulariser(factors)) == pytest.approx(float(by_hand), rel=1e-12)

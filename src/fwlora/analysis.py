@@ -1,4 +1,4 @@
-"""Per-matrix statistics of a trained adapter, and the numbers behind METHOD.md's open questions.
+"""Per-matrix statistics of a trained adapter, and the numbers behind docs/method.md's open questions.
 Pure functions of tensors and plain data, used by training (to record) and by the report (to read)."""
 
 from __future__ import annotations

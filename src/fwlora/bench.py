@@ -30,7 +30,7 @@ import yaml
 
 from fwlora import methods, tasks
 from fwlora.budget import colliding_budgets
-from fwlora.config import TrainConfig
+from fwlora.config import TrainConfig, data_name
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.plan import backbone_facts
 from fwlora.records import RunRecord, Status, read_config, read_result, run_status, write_result
@@ -121,9 +121,7 @@ def plan(preset: dict[str, Any], output_dir: Path, overrides: dict[str, Any], tr
         ranks = []
     if "ranks" in overrides and overrides["ranks"] is not None:
         budgets = []
-    if not tasks_ and train_overrides.get("dataset"):
-        from fwlora.config import data_name
-
+    if train_overrides.get("dataset") and not overrides.get("tasks"):  # your own data: its name is the task's
         tasks_ = [train_overrides.get("task") or data_name(train_overrides["dataset"])]
     if not tasks_ or not methods_ or not seeds or not (budgets or ranks):
         raise UserError("the grid needs tasks, methods, seeds and budgets (or ranks): give --preset or the flags")
@@ -181,6 +179,18 @@ def warn_colliding_budgets(cells: list[Cell]) -> None:
         for rank, same in colliding_budgets(budgets, counts.per_rank, counts.backbone).items():
             log.warning("budgets %s %% all map to rank %d on %s: those runs will be identical",
                         ", ".join(f"{b:g}" for b in same), rank, cfg.model)
+
+
+def check_data(cells: list[Cell]) -> None:
+    """Load each task's data once before anything runs: data that cannot be found (no local copy offline, a
+    bad file) is one message up front, not a failed run per cell."""
+    seen = set()
+    for cell in cells:
+        cfg = cell.config
+        key = (cfg.task, cfg.dataset, cfg.data_dir)
+        if key not in seen:
+            seen.add(key)
+            tasks.task_for(cfg).load(cfg.data_dir)
 
 
 def check_existing(cells: list[Cell]) -> None:

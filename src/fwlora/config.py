@@ -41,12 +41,12 @@ class TrainConfig:
     model: str = _f("minilm", "backbone: 'minilm' (bundled, offline), 'mpnet' or 'smollm2' (offline after "
                     "`make backbones`), or a Hugging Face name/path, e.g. roberta-base, Qwen/Qwen3-0.6B")
     head: str = _f("auto", "classification head: 'model' (the architecture's own), 'mean' (mean pooling), "
-                   "'auto' (mean for the sentence-embedding backbones minilm and mpnet, model otherwise; see README)")
+                   "'auto' (mean for the sentence-embedding backbones minilm and mpnet, model otherwise; see docs/decisions.md)")
     budget: float | None = _f(None, "adapter budget in %% of the backbone's parameters (0.2 = 0.2 %%), mapped to "
                               "the nearest rank; 0.2 when neither --budget nor --rank is given")
     rank: int | None = _f(None, "LoRA rank directly (instead of --budget); AdaLoRA: target_r = rank, init_r = ceil(1.5 rank)")
     target_modules: list[str] | None = _f(None, "comma-separated module-name suffixes to adapt (default: the "
-                                          "architecture's attention and feed-forward projections, see README)")
+                                          "architecture's attention and feed-forward projections: the README's Backbones table)")
     # your own data (instead of a built-in task's)
     dataset: str | None = _f(None, "your own data: a .csv, .tsv, .json, .jsonl or .parquet file, or a Hugging Face "
                              "dataset name (read with datasets.load_dataset)")
@@ -68,7 +68,7 @@ class TrainConfig:
     eval_limit: int | None = _f(None, "evaluate on the first N validation examples (smoke runs only)")
     max_length: int = _f(128, "truncate inputs to this many tokens")
     max_new_tokens: int = _f(256, "instruction tasks with a generated answer (gsm8k): token limit of greedy generation")
-    # optimisation (METHOD.md's protocol)
+    # optimisation (the protocol of docs/method.md)
     epochs: int = _f(3, "training epochs")
     lr: float = _f(2e-4, "peak learning rate of AdamW")
     batch_size: int = _f(32, "global batch size per optimizer step (over processes and accumulation)")

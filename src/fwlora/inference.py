@@ -194,7 +194,7 @@ def export_run(run_dir: str | Path, out: str | Path, merged: bool = False) -> Pa
     """Write the run's adapter alone (a standard PEFT adapter, with the tokenizer), or with merged=True a
     standalone model: the adapter merged into the backbone (PEFT's merge_and_unload). A model with the
     architecture's own head loads with transformers alone; a mean-pooling head is written as a
-    sentence-transformers model (Transformer + mean Pooling) plus classifier.safetensors (README's loader)."""
+    sentence-transformers model (Transformer + mean Pooling) plus classifier.safetensors (the README's five-line loader)."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new directory for the export")

@@ -30,7 +30,7 @@ MODEL_KINDS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
 
 # The one table of target modules, by config.model_type. Suffixes, matched by PEFT at a "." boundary; none
 # of them matches a task head (classifier, score, pooler) or a causal LM's lm_head.
-# Encoders: METHOD.md's six matrix types (AdaLoRA's set): query, key, value, attention output, both
+# Encoders: docs/method.md's six matrix types (AdaLoRA's set): query, key, value, attention output, both
 # feed-forward; "output.dense" covers the attention output and the FFN output, "intermediate.dense" the
 # FFN input. MPNet names the attention matrices attn.{q,k,v,o}; its "output.dense" is the FFN output only.
 # Decoders: the seven projections q, k, v, o, gate, up, down. Phi-3 fuses q/k/v into qkv_proj and gate/up
@@ -56,7 +56,7 @@ def default_head(model_name: str) -> str:
     """The classification head --head auto picks: "mean" for sentence-embedding backbones, "model" otherwise.
 
     all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained for mean pooling (sentence-transformers); their
-    [CLS] pooler is an untrained leftover (README, "The head of the offline backbone"). A local
+    [CLS] pooler is an untrained leftover (docs/decisions.md, "The head of the offline backbone"). A local
     sentence-transformers directory whose pooling is the mean (1_Pooling/config.json) gets it too. Decoders
     get their architecture's own head: a linear `score` on the last non-pad token.
     """

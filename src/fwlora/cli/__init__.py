@@ -11,9 +11,10 @@ import importlib.util
 import sys
 from typing import Any
 
-# what the experiment system imports beyond the library's torch, transformers, peft and safetensors
-EXPERIMENT_MODULES = {"accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml", "sklearn": "scikit-learn",
-                      "scipy": "scipy", "matplotlib": "matplotlib", "optuna": "optuna", "tqdm": "tqdm"}
+# what the experiment system imports beyond the core install (torch, transformers, peft, safetensors, and
+# what they bring: accelerate, pyyaml, tqdm, numpy)
+EXPERIMENT_MODULES = {"datasets": "datasets", "sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotlib",
+                      "optuna": "optuna"}
 
 
 def missing_extra() -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fwlora import methods
-from fwlora.bench import check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
+from fwlora.bench import check_data, check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
 from fwlora.cli.flags import PROGRAM, parse_sets
 from fwlora.records import run_status, write_bench
 
@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "examples:\n  fwlora bench --preset quick --output-dir runs/quick\n"
                "  fwlora bench --preset cpu --output-dir runs/cpu\n"
                "  fwlora bench --tasks cola,sst2 --methods lora,adalora,fwlora --budgets 0.1,0.2,0.5 --seeds 3 \\\n"
-               "      --set model=roberta-base --output-dir runs/mine",
+               "      --set model=roberta-base --output-dir runs/mine\n"
+               "  fwlora bench --dataset tickets.csv --text-columns body --label-column team --methods lora,fwrank \\\n"
+               "      --ranks 2 --seeds 3 --output-dir runs/tickets",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a named preset or a YAML file (grid + shared training settings)")
     p.add_argument("--output-dir", required=True, help="where the run directories and the report go")
@@ -34,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", help="comma-separated LoRA ranks (instead of budgets)")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     p.add_argument("--data-dir", help="GLUE directory (default: $FWLORA_DATA_DIR, then the hub)")
+    own = p.add_argument_group("your own data (instead of --tasks; fwlora train --help says more)")
+    own.add_argument("--dataset", help="a .csv, .tsv, .json, .jsonl or .parquet file, or a hub dataset name")
+    own.add_argument("--text-columns", help="the text column(s), a[,b]")
+    own.add_argument("--label-column", help="the label column (strings/ints: classes; floats: regression)")
+    own.add_argument("--validation", help="evaluation data: a file, a split name, or a held-out fraction (0.1)")
+    own.add_argument("--prompt-column", help="instruction data: the prompt column")
+    own.add_argument("--response-column", help="instruction data: the response column")
+    own.add_argument("--messages-column", help="chat data: the messages column")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting for every run (YAML value), e.g. --set epochs=1; repeatable")
     p.add_argument("--no-retry-failed", action="store_true", help="leave runs recorded as failed alone")
@@ -50,6 +60,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     train_overrides = parse_sets(args.set)
     if args.data_dir:
         train_overrides["data_dir"] = args.data_dir
+    for key in ("dataset", "label_column", "validation", "prompt_column", "response_column", "messages_column"):
+        if getattr(args, key):
+            train_overrides[key] = getattr(args, key)
+    if args.text_columns:
+        train_overrides["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     output_dir = Path(args.output_dir)
     cells = plan(preset, output_dir, {"tasks": args.tasks, "methods": args.methods, "budgets": args.budgets,
                                       "ranks": args.ranks, "seeds": args.seeds}, train_overrides)
@@ -58,6 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{c.key:40s} {run_status(Path(c.config.output_dir)) or 'to run'}")
         return 0
     check_existing(cells)
+    check_data(cells)
     with quiet_transformers():
         warn_colliding_budgets(cells)
         write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,

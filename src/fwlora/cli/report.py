@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="tables, paired statistics, verdicts and plots from finished runs",
         description="Read the result.json of every run under the given directories and write report.md "
-                    "(tables, paired differences with 95 % intervals, verdicts on METHOD.md's hypotheses, the "
+                    "(tables, paired differences with 95 % intervals, verdicts on docs/method.md's hypotheses, the "
                     "per-matrix numbers of its first open question), summary.json, summary.csv and PNG plots. "
                     "Every method found is a column (a bench's named variant of a method is a column of its own), "
                     "compared with the reference and with AdaLoRA. "

@@ -23,7 +23,7 @@ EPILOG = """examples:
   fwlora sweep --task cola --methods lora,adalora,fwlora --trials 20 --space my_space.yaml --output-dir runs/sweep
   fwlora sweep ... --seeds-per-trial 3          # objective: mean over seeds S..S+2 of the final-epoch metric
 
-the search space (default: METHOD.md's shared ranges, plus each method's own; see examples/sweep_space.yaml):
+the search space (default: docs/method.md's shared ranges, plus each method's own; see examples/sweep_space.yaml):
 {space}
   a --space file replaces entries key by key (key: null drops one); a training flag given on the
   command line fixes that setting and takes it out of the space. A trial its method refuses before

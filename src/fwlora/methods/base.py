@@ -84,9 +84,9 @@ class TimeHypothesis:
         return f"~{self.ratio:g}x" + (f", met if <= {self.limit:g}x" if self.limit is not None else "")
 
 
-# METHOD.md's claim for a Fisher-guided method: time within ~1 % of plain LoRA ("~" read as at most 1.02x:
+# docs/method.md's claim for a Fisher-guided method: time within ~1 % of plain LoRA ("~" read as at most 1.02x:
 # one point for the "~" and for timing noise)
-WITHIN_LORA_TIME = TimeHypothesis(1.01, limit=1.02, source="METHOD.md: within ~1 % of LoRA")
+WITHIN_LORA_TIME = TimeHypothesis(1.01, limit=1.02, source="docs/method.md: within ~1 % of LoRA")
 
 # How the experiment system shows methods (the report and the sweep ask the registry, never a name):
 REFERENCE, RIVAL = "reference", "rival"
@@ -104,7 +104,7 @@ class Method:
     # "reference": the default column every other is compared with and timed against (LoRA); "rival": every
     # column is compared with it too, and its verdict lines name it (AdaLoRA); None: neither
     role: ClassVar[str | None] = None
-    # its claim on time; by default METHOD.md's for any method: within ~1 % of LoRA's (None: ratios, no verdict)
+    # its claim on time; by default docs/method.md's for any method: within ~1 % of LoRA's (None: ratios, no verdict)
     time_hypothesis: ClassVar[TimeHypothesis | None] = WITHIN_LORA_TIME
     rank_column: ClassVar[str | None] = None  # the per-matrix column (matrix_columns) holding its final ranks
     rank_unit: ClassVar[str] = "rank"  # what one unit of that rank is ("kept singular values")
@@ -226,5 +226,5 @@ def lora_config(run: RunInfo, rank: int, lora_alpha: float, **extra: Any) -> Any
 
 
 def with_help(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by --help and in the README's settings tables)."""
+    """A dataclass field with its help text (shown by --help and in the README)."""
     return field(default=default, metadata={"help": help})

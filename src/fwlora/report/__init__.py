@@ -9,7 +9,7 @@ schema version); nothing is typed by hand.
     aggregate  per-cell and per-column statistics, comparisons with the reference and the rival
     verdicts   the verdict lines, pooled over budgets and over tasks
     matrices   per-matrix numbers: the open question on FW-LoRA's weighting, final rank patterns
-    settings   what the runs were made with, against METHOD.md's protocol
+    settings   what the runs were made with, against the protocol of docs/method.md
     plots      the PNGs (matplotlib imported lazily)
     render     report.md, summary.json, summary.csv; write_report
 

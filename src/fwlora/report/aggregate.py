@@ -4,7 +4,7 @@ verdict lines and the pooled views). Plain data in, plain data out (what summary
 Columns are labels (a method, or a bench's named variant of one), ordered by the method registry and
 then by label. Every column is compared with the reference (LoRA unless told otherwise) and with
 AdaLoRA (when present); each comparison gets a verdict line, and every column but the reference a time
-verdict: METHOD.md's ~1.01x hypothesis, AdaLoRA its own ~1.12x.
+verdict: its method's claim (the registry's; ~1.01x by default, AdaLoRA's ~1.12x).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-matrix numbers of one cell: METHOD.md's first open question (does a penalty method's (1 - I_m)
+"""Per-matrix numbers of one cell: the first open question of docs/method.md (does a penalty method's (1 - I_m)
 weighting reallocate the budget, or is it a near-uniform decay on dW?), where each column's update goes, and
 the final rank patterns of the methods that allocate ranks (each method's rank_column, from the registry)."""
 

@@ -1,5 +1,5 @@
 """What a protocol's runs were made with: shared settings, those that differ between columns, each
-method's own, the differences from METHOD.md's protocol, the environment and the bench command."""
+method's own, the differences from the protocol (docs/method.md), the environment and the bench command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fwlora import methods
 from fwlora.report.load import IGNORED_KEYS, Protocol, relevant
 from fwlora.report.text import fmt_value
 
-# METHOD.md's protocol; a run that differs from it is reported under "Reduced protocol".
+# The protocol of docs/method.md (the seed's, METHOD.md); a run that differs from it is reported under "Reduced protocol".
 REFERENCE_PROTOCOL: dict[str, Any] = {"epochs": 3, "train_limit": None, "eval_limit": None, "model": "roberta-base",
                                       "lr": 2e-4, "batch_size": 32, "warmup_ratio": 0.06}
 # The settings shown in a protocol's header (others appear when they differ between runs).
@@ -31,7 +31,7 @@ def _values(items: Sequence[Any]) -> list[Any]:
 
 
 def reduced_protocol(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """Settings that differ from METHOD.md's protocol, with the values found (and how many runs)."""
+    """Settings that differ from the protocol (docs/method.md), with the values found (and how many runs)."""
     out = []
     for key, ref in REFERENCE_PROTOCOL.items():
         values: dict[str, int] = defaultdict(int)
@@ -49,7 +49,7 @@ def reduced_protocol(configs: Sequence[dict[str, Any]]) -> list[str]:
 
 def protocol_settings(p: Protocol, labels: Sequence[str], method_of: dict[str, str]) -> dict[str, Any]:
     """The settings shared by every run, those that differ between columns, each column's own (its
-    method's settings, or what its method resolved: report_info), and the differences from METHOD.md's protocol."""
+    method's settings, or what its method resolved: report_info), and the differences from the protocol (docs/method.md)."""
     configs: dict[str, list[dict]] = {lb: [r.config for r in p.runs if r.label == lb] for lb in labels}
     configs = {lb: cs for lb, cs in configs.items() if cs}
     all_configs = [c for cs in configs.values() for c in cs]

@@ -8,7 +8,7 @@ validation metric (MCC for CoLA, accuracy otherwise) at the final epoch (--objec
 default: what a fixed-epoch protocol reports; --objective best takes each run's best epoch, which
 picks the maximum on the very dev set it reports, an optimistic number).
 
-Search space (space.py): METHOD.md's shared ranges (lr, rank, batch_size) plus each registered
+Search space (space.py): docs/method.md's shared ranges (lr, rank, batch_size) plus each registered
 method's own `search_space` (FW-LoRA: lambda_fw, fw_warmup_steps), searched in that method's study
 only; --space FILE (YAML/JSON) replaces entries key by key, `key: null` drops one. A training flag
 given on the command line fixes that setting and takes it out of the space (--budget or --rank fixes

@@ -1,6 +1,6 @@
 """The search space: what a sweep may vary, checked before the first trial so a typo fails at once.
 
-The default space is METHOD.md's shared ranges (SHARED_SPACE: lr, rank, batch_size) plus, for every
+The default space is docs/method.md's shared ranges (SHARED_SPACE: lr, rank, batch_size) plus, for every
 registered method, its class's own `search_space`, each of those entries restricted to its method.
 A --space file replaces entries key by key; `key: null` drops one.
 """
@@ -25,7 +25,7 @@ ENTRY_KEYS = {"type", "low", "high", "log", "step", "choices", "methods"}
 # settings that name the run or that the sweep sets itself: never searched
 NOT_SEARCHABLE = ("task", "method", "seed", "output_dir") + TrainConfig.NON_IDENTITY
 
-# METHOD.md's ranges of the settings every method shares; each method adds its own (Method.search_space)
+# docs/method.md's ranges of the settings every method shares; each method adds its own (Method.search_space)
 SHARED_SPACE: dict[str, dict[str, Any]] = {
     "lr": {"type": "float", "low": 1e-4, "high": 3e-4, "log": True},
     "rank": {"type": "categorical", "choices": [4, 8, 16]},

@@ -2,8 +2,15 @@
 
 Budget parity with LoRA rank r: target_r = r (the final average rank), init_r = ceil(1.5 r) (the AdaLoRA
 paper). PEFT's contract, honoured by the loop's hooks: `update_and_allocate(step)` once per optimizer
-step, after optimizer.step() and before zero_grad; `total_step` counts optimizer steps; the orthogonal
-regulariser is added by the model's own forward when it computes the loss.
+step, after optimizer.step() and before zero_grad; `total_step` counts optimizer steps.
+
+The orthogonal regulariser: PEFT adds it in AdaLoraModel.forward when the model computes a loss. The task
+wrappers (PeftModelForSequenceClassification, ...ForCausalLM) call that forward; the generic PeftModel, which
+a model with its own head and no PEFT task type gets (every classifier here), calls the base model directly
+and skips it. Releases 1 and 2 trained AdaLoRA that way, so their AdaLoRA had no regulariser although its
+weight (0.1) was recorded (the release-3 decomposition shows it: that AdaLoRA and AdaLoRA with the weight
+set to 0 give the same result on every seed). From release 3 on, `extra_loss` adds it wherever the wrapper
+skips it, with PEFT's formula: weight x mean over A and B matrices of ||P P^T - I||_F (A) / ||P^T P - I||_F (B).
 
 Checkpoints: PEFT has no public API for the rank allocator's state (the sensitivity EMAs `ipt`,
 `exp_avg_ipt`, `exp_avg_unc` of `model.base_model.rankallocator`) nor for restoring the masks it wrote
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from fwlora.budget import adalora_ranks
@@ -60,7 +68,7 @@ class AdaLoraSchedule:
 
 @dataclass
 class AdaLoRASettings:
-    alpha: float | None = with_help(None, "AdaLoRA alpha (its update is scaled by alpha / init_r; default 4 init_r, see README)")
+    alpha: float | None = with_help(None, "AdaLoRA alpha (its update is scaled by alpha / init_r; default 4 init_r, see docs/decisions.md)")
     orth_reg: float = with_help(0.1, "AdaLoRA orthogonal regulariser weight (authors' GLUE scripts: 0.1)")
     tinit: float = with_help(0.12, "AdaLoRA initial phase without pruning, fraction of steps")
     tfinal: float = with_help(0.48, "AdaLoRA final phase at the target budget, fraction of steps")
@@ -99,8 +107,8 @@ class AdaLoRA(Method):
     Settings = AdaLoRASettings
     prefix = "adalora_"
     colour, line_style, role = "tab:orange", ("--", "s"), RIVAL
-    # METHOD.md: AdaLoRA costs about 10-20 % more than LoRA
-    time_hypothesis = TimeHypothesis(1.12, tolerance=0.05, source="METHOD.md: AdaLoRA ~1.12x LoRA")
+    # docs/method.md: AdaLoRA costs about 10-20 % more than LoRA
+    time_hypothesis = TimeHypothesis(1.12, tolerance=0.05, source="docs/method.md: AdaLoRA ~1.12x LoRA")
     rank_column, rank_unit = "adalora_rank", "kept singular values"
     report_info, report_info_note = SCHEDULE_INFO, "PEFT; values over all budgets"
 
@@ -127,6 +135,21 @@ class AdaLoRA(Method):
                                lora_alpha=self.lora_alpha, lora_dropout=self.run.lora_dropout,
                                modules_to_save=list(self.run.modules_to_save) or None, task_type=self.run.task_type)
         return get_peft_model(model, config)
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        from peft import PeftModel
+
+        # a wrapper whose forward is the generic PeftModel's never reaches AdaLoraModel.forward (see above)
+        self.regulariser_here = type(model).forward is PeftModel.forward and self.settings.orth_reg > 0
+        adapter = next(iter(model.peft_config))
+        self._factors = [(p, "lora_A" in n) for n, p in model.named_parameters()
+                         if ("lora_A" in n or "lora_B" in n) and adapter in n]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if not self.regulariser_here or not self.model.training:
+            return None
+        return self.settings.orth_reg * orthogonal_regulariser(self._factors)
 
     def after_optimizer_step(self, step: int) -> bool:
         # after optimizer.step(), before zero_grad, with the 0-based step index (PEFT's contract)
@@ -180,6 +203,16 @@ class AdaLoRA(Method):
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         return {"adalora_rank": self.final_ranks()}
+
+
+def orthogonal_regulariser(factors: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
+    """PEFT's AdaLoRA regulariser (AdaLoraModel.forward): the mean over the A (r x d_in) and B (d_out x r)
+    factors of ||A A^T - I||_F and ||B^T B - I||_F. factors: (parameter, whether it is an A)."""
+    terms = []
+    for p, is_a in factors:
+        cov = p @ p.T if is_a else p.T @ p
+        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def _short(name: str) -> str:

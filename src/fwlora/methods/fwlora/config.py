@@ -19,7 +19,7 @@ class FWLoRAConfig(WarmupConfig):
     estimator: Literal["exact", "sketch"] = field(default="sketch", metadata={
         "help": "'sketch' (default): an unbiased Gaussian sketch ||G Omega||^2 / p; 'exact': ||G||^2. With one warm-up "
                 "step in 8 measured, the sketch keeps the whole run at ~1.01x LoRA and ranks the matrices as the "
-                "exact statistic every step does (Spearman 0.996; docs/decisions.md)"})
+                "exact statistic every step does (Spearman 0.996; results/overhead/README.md)"})
     normalization: Literal["sum", "max", "mean"] = field(default="sum", metadata={
         "help": "penalty weights: 'sum' (the method's): 1 - F_m / sum F; 'max': 1 - F_m / max F; "
                 "'mean': (mean F / F_m)^gamma, a weight that spreads as widely as the scores do"})
