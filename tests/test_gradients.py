@@ -13,7 +13,7 @@ from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig
 from fwlora.errors import MethodError
-from fwlora.methods.fwrank.rules import output_energy
+from fwlora.methods.ranks import output_energy
 from fwlora.methods.gradients import WarmupConfig
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_statistics.json").read_text())

@@ -22,6 +22,7 @@ from fwlora.methods.fwlora import FisherWeightedLoRA, FWLoRAConfig, delta_weight
 from fwlora.methods.fwrank import (FisherRankAllocation, FWRankConfig, allocate_proportional, allocate_spectrum,
                                    refresh_optimizer, resize_lora_ranks)
 from fwlora.methods.gradients import find_lora_layers
+from fwlora.methods.widecut import WideCut, WideCutConfig
 
 try:  # one source of the version: pyproject.toml, through the installed package's metadata
     __version__ = version(__name__)
@@ -31,7 +32,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = ["FWLoRAConfig", "FisherWeightedLoRA", "FWLoRAError", "MethodError", "NonFiniteFisherError", "UserError",
            "delta_weight_sq_norm", "find_lora_layers", "FWRankConfig", "FisherRankAllocation", "refresh_optimizer",
            "resize_lora_ranks", "allocate_proportional", "allocate_spectrum", "FWLoRACallback", "FWLoRATrainer",
-           "FWRankCallback", "FWRankTrainer", "load_run"]
+           "FWRankCallback", "FWRankTrainer", "WideCut", "WideCutConfig", "load_run"]
 
 _HF = ("FWLoRACallback", "FWLoRATrainer", "FWRankCallback", "FWRankTrainer")
 

@@ -1,7 +1,7 @@
 """Methods as plug-ins: each is a folder (its settings, its math, its plug-in), behind one interface
 (base.py) and one registry (registry.py). The warm-up statistic FW-LoRA and fwrank share is gradients.py.
 
-Built in: lora, adalora, fwlora, fwrank. A method of your own is one file:
+Built in: lora, adalora, fwlora, fwrank, widecut. A method of your own is one file:
 
     from fwlora.methods import Method, register, lora_config
 
@@ -26,6 +26,7 @@ from fwlora.methods.lora import plugin as _lora  # noqa: E402,F401
 from fwlora.methods.adalora import plugin as _adalora  # noqa: E402,F401
 from fwlora.methods.fwlora import plugin as _fwlora  # noqa: E402,F401
 from fwlora.methods.fwrank import plugin as _fwrank  # noqa: E402,F401
+from fwlora.methods.widecut import plugin as _widecut  # noqa: E402,F401
 
 __all__ = ["Method", "NoSettings", "RunInfo", "TimeHypothesis", "PLUGINS_ENV", "REGISTRY", "register", "get", "names",
            "label", "all_settings", "owner_of", "load_plugins", "lora_config", "with_help", "method_class",

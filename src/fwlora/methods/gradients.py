@@ -26,7 +26,9 @@ method in another project.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -337,6 +339,29 @@ class GradientStatistic:
 
     def remove(self) -> None:
         self.hooks.detach()
+
+
+def save_state_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """A method's state as safetensors (its tensors) plus JSON metadata, written aside and renamed into place
+    (no pickle; a reader never sees half a file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"empty": torch.zeros(0)}, str(tmp),
+              {k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+    return path
+
+
+def read_state_file(path: Path, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a file written by save_state_file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise MethodError(f"no {what} state at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}, {k: f.get_tensor(k) for k in f.keys()}
 
 
 def average_over_processes(tensors: list[torch.Tensor]) -> None:

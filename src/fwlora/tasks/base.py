@@ -92,6 +92,19 @@ def get_task(name: str, *, max_new_tokens: int | None = None) -> Task:
 
 # ---- what the data code of every task shares --------------------------------------------------------------
 
+def hub_dataset(hub_id: str, config: str | None, what: str, fix: str) -> Any:
+    """datasets.load_dataset(hub_id[, config]), or one UserError saying that neither a local copy was given nor
+    the hub answered, and how to fix it (offline, a missing cache and a hub that is down end alike for a user)."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(hub_id, config) if config else datasets.load_dataset(hub_id)
+    except Exception as e:
+        raise UserError(f"could not load {what}: no local data directory was given (--data-dir or ${DATA_DIR_ENV}) "
+                        f"and the Hugging Face hub loader failed for {hub_id} ({type(e).__name__}: {str(e)[:200]}). "
+                        f"Fix: {fix}") from None
+
+
 def read_lines(path: Path, expected: str) -> list[str]:
     """The lines of a UTF-8 data file (a leading BOM dropped, the final line end not a line), with errors
     that name the file and line: unreadable, not UTF-8, empty (`expected` says what should be there)."""

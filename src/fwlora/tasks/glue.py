@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fwlora.errors import DataError, UserError
-from fwlora.tasks.base import DATA_DIR_ENV, SEQUENCE_CLASSIFICATION, read_lines, register_task, resolve_data_dir
+from fwlora.tasks.base import SEQUENCE_CLASSIFICATION, hub_dataset, read_lines, register_task, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,8 @@ def load_task(task: str, data_dir: str | os.PathLike | None = None) -> tuple[lis
 
 
 def _load_from_hub(spec: TaskSpec) -> tuple[list[Example], list[Example], str]:
-    try:
-        import datasets
-
-        ds = datasets.load_dataset("nyu-mll/glue", spec.name)
-    except Exception as e:  # offline, no cache, hub down: all end the same way for the user
-        raise UserError(
-            f"could not load GLUE {spec.name}: no local data directory was given (--data-dir or ${DATA_DIR_ENV}) "
-            f"and the Hugging Face hub loader failed ({type(e).__name__}: {str(e)[:200]}). "
-            f"Fix: pass --data-dir DIR with DIR/{spec.name}/train.tsv and validation.tsv, or run with internet access."
-        ) from None
+    ds = hub_dataset("nyu-mll/glue", spec.name, f"GLUE {spec.name}",
+                     f"pass --data-dir DIR with DIR/{spec.name}/train.tsv and validation.tsv, or run with internet access.")
     columns = _HUB_COLUMNS.get(spec.name, spec.text_fields)
 
     def convert(split: str) -> list[Example]:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fwlora.errors import DataError, UserError
-from fwlora.tasks.base import (CAUSAL_LM, HOLDOUT_SEED, holdout_split, read_lines, register_task, resolve_data_dir,
-                               type_name)
+from fwlora.tasks.base import (CAUSAL_LM, HOLDOUT_SEED, holdout_split, hub_dataset, read_lines, register_task,
+                               resolve_data_dir, type_name)
 from fwlora.tasks.gsm8k import GSM8K_TEST_PACKAGE, generate_exact_match, gsm8k_final_number, locate_gsm8k_test
 
 log = logging.getLogger(__name__)
@@ -303,16 +303,8 @@ class InstructionTask:
                    if self.name == "gsm8k" else ""))
 
     def _load_from_hub(self) -> tuple[list[InstructExample], list[InstructExample], str]:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(self.hub_id, self.hub_config) if self.hub_config else datasets.load_dataset(self.hub_id)
-        except Exception as e:  # offline, no cache, hub down: all end the same way for the user
-            raise UserError(
-                f"could not load {self.name}: no local data directory was given (--data-dir or $FWLORA_DATA_DIR) "
-                f"and the Hugging Face hub loader failed for {self.hub_id} ({type(e).__name__}: {str(e)[:200]}). "
-                f"Fix: run with internet access, or pass --data-dir DIR, {self._expected_files('DIR/')}"
-            ) from None
+        ds = hub_dataset(self.hub_id, self.hub_config, self.name,
+                         f"run with internet access, or pass --data-dir DIR, {self._expected_files('DIR/')}")
         where = f"hub:{self.hub_id}"
 
         def convert(split: str) -> list[InstructExample]:

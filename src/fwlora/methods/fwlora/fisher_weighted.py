@@ -16,7 +16,6 @@ have FW-LoRA in another project.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.fwlora.config import FWLoRAConfig
 from fwlora.methods.fwlora.penalty import delta_weight_sq_norm, normalise, penalty_weights
 from fwlora.methods.gradients import (GradientStatistic, check_reachable, find_lora_layers, is_fraction,
-                                      matches_saved, single_active_adapter, stat_dtype)
+                                      matches_saved, read_state_file, save_state_file, single_active_adapter,
+                                      stat_dtype)
 
 STATE_FILE = "fwlora_state.safetensors"
 
@@ -219,16 +219,9 @@ class FisherWeightedLoRA:
 
     def save(self, directory: str | Path) -> Path:
         """Write the state as safetensors beside a PEFT adapter (no pickle)."""
-        from safetensors.torch import save_file
-
         state = self.state_dict()
-        meta = {k: json.dumps(state[k]) for k in ("steps_done", "names", "config")}
-        path = Path(directory) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"fisher": state["fisher"].cpu(), "first_nonfinite": state["first_nonfinite"].cpu()}, str(tmp), meta)
-        tmp.replace(path)
-        return path
+        return save_state_file(Path(directory) / STATE_FILE, {k: state[k] for k in ("fisher", "first_nonfinite")},
+                               {k: state[k] for k in ("steps_done", "names", "config")})
 
     def load(self, directory: str | Path) -> None:
         self.load_state_dict(_read_state(directory))
@@ -248,13 +241,5 @@ class FisherWeightedLoRA:
 
 
 def _read_state(directory: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise MethodError(f"no FW-LoRA state at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        state = {k: json.loads(meta[k]) for k in ("steps_done", "names", "config")}
-        state.update({k: f.get_tensor(k) for k in ("fisher", "first_nonfinite")})
-    return state
+    meta, tensors = read_state_file(Path(directory) / STATE_FILE, "FW-LoRA")
+    return {**meta, "fisher": tensors["fisher"], "first_nonfinite": tensors["first_nonfinite"]}

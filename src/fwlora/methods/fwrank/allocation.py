@@ -1,20 +1,19 @@
 """fwrank: rank allocation for PEFT LoRA, measured during a warm-up, applied once (docs/method.md).
 
 Train plain LoRA for K optimizer steps while the warm-up statistic (methods/gradients.py) sees every adapted
-layer's input x and output gradient g, then give each matrix m a rank r_m under a hard budget (rules.py) and
-resize the live model once (resize.py). The statistic, per layer, is an EMA of the second moment of
+layer's input x and output gradient g, then give each matrix m a rank r_m under a hard budget and resize the
+live model once (methods/ranks.py: the rules and the resize every rank-allocating method shares). The statistic, per layer, is an EMA of the second moment of
 G = dL/dW on its smaller side (k = min(d_in, d_out)), k x k:
 
     d_out <= d_in:  M <- beta M + (1 - beta) Y^T Y / p,  Y = (G Omega)^T  = (x Omega)^T g    (p x d_out)
     d_in  <  d_out: M <- beta M + (1 - beta) Z^T Z / p,  Z = Omega'^T G   = (g Omega')^T x   (p x d_in)
 
 Its eigenvalues at step K are the gradient's spectrum; trace M is an unbiased estimate of FW-LoRA's
-F_m = EMA ||G_m||_F^2. Depends on torch, peft, fwlora.errors and methods/gradients.py only.
+F_m = EMA ||G_m||_F^2. Depends on torch, peft, fwlora.errors, methods/gradients.py and methods/ranks.py only.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +24,11 @@ from torch import nn
 
 from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.fwrank.config import FWRankConfig
-from fwlora.methods.fwrank.resize import ResizeReport, lora_tuner, resize_lora_ranks
-from fwlora.methods.fwrank.rules import (allocate_proportional, allocate_spectrum, output_energy, uniform_ranks,
-                                         update_spectrum)
+from fwlora.methods.ranks import (ResizeReport, allocate_proportional, allocate_spectrum, lora_tuner, output_energy,
+                                  resize_lora_ranks, uniform_ranks, update_spectrum)
 from fwlora.methods.gradients import (GradientHooks, GradientStatistic, check_reachable, find_lora_layers, is_fraction,
-                                      matches_saved, same_on_every_process, single_active_adapter)
+                                      matches_saved, read_state_file, same_on_every_process, save_state_file,
+                                      single_active_adapter)
 
 RANK_STATE_FILE = "fwrank_state.safetensors"
 
@@ -300,20 +299,11 @@ class FisherRankAllocation:
 
     def save(self, directory: str | Path) -> Path:
         """Write the state as safetensors plus JSON metadata (no pickle)."""
-        from safetensors.torch import save_file
-
         state = self.state_dict()
-        tensors = {f"moment:{n}": m.cpu().contiguous() for n, m in state.pop("moments").items()}
-        tensors |= {f"mean:{n}": m.cpu().contiguous() for n, m in state.pop("means").items()}
-        tensors |= {f"gain:{n}": g.contiguous() for n, g in state.pop("gains").items()}
-        if not tensors:
-            tensors["empty"] = torch.zeros(0)
-        path = Path(directory) / RANK_STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), {k: json.dumps(v) for k, v in state.items()})
-        tmp.replace(path)
-        return path
+        tensors = {f"moment:{n}": m for n, m in state.pop("moments").items()}
+        tensors |= {f"mean:{n}": m for n, m in state.pop("means").items()}
+        tensors |= {f"gain:{n}": g for n, g in state.pop("gains").items()}
+        return save_state_file(Path(directory) / RANK_STATE_FILE, tensors, state)
 
     def load(self, directory: str | Path) -> None:
         self.load_state_dict(read_state(directory))
@@ -338,13 +328,7 @@ class FisherRankAllocation:
 
 def read_state(directory: str | Path) -> dict[str, Any]:
     """The saved state of a FisherRankAllocation (safetensors + JSON metadata)."""
-    from safetensors import safe_open
-
-    path = Path(directory) / RANK_STATE_FILE
-    if not path.is_file():
-        raise MethodError(f"no fwrank state at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: json.loads(v) for k, v in f.metadata().items()}
-        for kind, key in (("moment", "moments"), ("mean", "means"), ("gain", "gains")):
-            state[key] = {k.split(":", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(kind + ":")}
+    state, tensors = read_state_file(Path(directory) / RANK_STATE_FILE, "fwrank")
+    for kind, key in (("moment", "moments"), ("mean", "means"), ("gain", "gains")):
+        state[key] = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith(kind + ":")}
     return state

@@ -21,7 +21,7 @@ from fwlora.errors import UserError
 from fwlora.methods.base import WITHIN_LORA_TIME, Method, RunInfo, lora_config
 from fwlora.methods.fwrank.allocation import FisherRankAllocation
 from fwlora.methods.fwrank.config import FWRankConfig
-from fwlora.methods.fwrank.resize import refresh_optimizer
+from fwlora.methods.ranks import refresh_optimizer
 from fwlora.methods.registry import register
 
 
