@@ -503,6 +503,7 @@ def _dp_worker(rank: int, world: int, init: str, out: str) -> None:
         tensors, ranks = _dp_run(rank, world)
         save_file(tensors, f"{out}/rank{rank}.safetensors")
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(ranks))
+        dist.barrier()  # neither process tears gloo down while the other still talks to it (a SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 

@@ -43,7 +43,7 @@ def error_line(capsys) -> str:
 @pytest.mark.parametrize("extra, pattern", [
     (["--task", "colaa"], r"^unknown task 'colaa'; known tasks: cola, sst2"),
     (["--task", "stsb"], r"stsb is a regression task"),
-    (["--method", "dora"], r"^method = 'dora': unknown method; use one of lora, adalora, fwlora, fwrank$"),
+    (["--method", "dora"], r"^method = 'dora': unknown method; use one of lora, adalora, fwlora, fwrank, widecut$"),
     (["--lambda-fw=-0.5"], r"^lambda-fw = -0\.5: must be a finite number >= 0$"),
     (["--fw-beta", "0"], r"^fw-beta = 0\.0: must lie strictly between 0 and 1$"),
     (["--fw-beta", "1"], r"^fw-beta = 1\.0: must lie strictly between 0 and 1$"),
@@ -90,7 +90,7 @@ def test_unknown_method_in_a_bench_grid_exits_2(tmp_path, capsys, data):
     args = ["bench", "--tasks", "cola", "--methods", "lora,dora", "--ranks", "1", "--seeds", "1",
             "--data-dir", str(data), "--output-dir", str(tmp_path / "b"), "--no-report"]
     assert main(args) == 2
-    assert error_line(capsys) == "method = 'dora': unknown method; use one of lora, adalora, fwlora, fwrank"
+    assert error_line(capsys) == "method = 'dora': unknown method; use one of lora, adalora, fwlora, fwrank, widecut"
 
 
 def test_unknown_task_in_a_bench_grid_exits_2_before_any_run(tmp_path, capsys, data):
@@ -189,3 +189,12 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, glue_di
     stderr = proc.stderr.read()
     proc.wait(timeout=120)
     assert "Traceback" not in stderr and proc.returncode in (0, 141)
+
+
+def test_a_warmup_given_as_a_fraction_of_the_run_on_the_command_line(tmp_path, data):
+    out = tmp_path / "run"
+    assert main(tiny(data, out, "--method", "fwlora", "--fw-warmup-steps", "0.5", "--epochs", "2",
+                     "--report-to", "none")) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["config"]["fw_warmup_steps"] == 0.5 and record["method_info"]["warmup_steps"] == 2  # of 4 steps
+    assert main(tiny(data, tmp_path / "late", "--method", "fwrank", "--fwrank-warmup-steps", "0.99")) == 2

@@ -86,7 +86,7 @@ class TrainConfig:
     load_in_4bit: bool = _f(False, "QLoRA: the backbone quantised to 4 bits (NF4) by bitsandbytes, where it runs")
     report_to: str = _f("tensorboard", "experiment tracking through Accelerate: tensorboard (event files in the run "
                         "directory), mlflow, wandb or none")
-    eval_batch_size: int = _f(128, "evaluation batch size")
+    eval_batch_size: int = _f(256, "evaluation batch size (evaluation runs longest first, so a batch pads little)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     output_dir: str = _f("runs/train", "run directory (config, metrics, per-matrix statistics, adapter)")
     log_every: int = _f(10, "log loss, learning rate, gradient norm and step time to the trackers, refresh the "

@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
 from fwlora import methods
 from fwlora.cli import bench, export, predict, report, sweep

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from fwlora import methods
 from fwlora.bench import check_data, check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets

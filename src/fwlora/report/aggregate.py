@@ -9,7 +9,6 @@ verdict: its method's claim (the registry's; ~1.01x by default, AdaLoRA's ~1.12x
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any

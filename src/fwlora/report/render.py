@@ -296,10 +296,11 @@ def _header_md(summary: dict[str, Any]) -> list[str]:
     return L
 
 
-def plot_titles() -> tuple[tuple[str, str], ...]:
-    """Each figure's title, naming the methods the registry says draw it."""
-    importance = methods.with_figure("importance")
-    ranks = methods.with_figure("ranks")
+def plot_titles(present: Sequence[str] | None = None) -> tuple[tuple[str, str], ...]:
+    """Each figure's title, naming the methods the registry says draw it (of those present, when given: a
+    report names only the methods it has runs of)."""
+    importance = [m for m in methods.with_figure("importance") if present is None or m in present]
+    ranks = [m for m in methods.with_figure("ranks") if present is None or m in present]
     rival = methods.rival_name()
     return (("importance", f"{methods.label(importance[0]) if importance else 'The'} importance per matrix"),
             ("matrices", "Final update per matrix"),
@@ -352,7 +353,7 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
     L += ["", "### Open question 1: reallocation or uniform decay?", ""]
     L += _matrix_md(summary)
     L += _importance_vs_update_md(summary)
-    for kind, title in plot_titles():
+    for kind, title in plot_titles(sorted(set((summary.get("method_of") or {}).values()))):
         for name in plots.get(kind, []):
             L += ["", f"{title}: ![{name}]({name})"]
     draws_importance = set(methods.with_figure("importance")) & set((summary.get("method_of") or {}).values())

