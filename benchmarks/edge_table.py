@@ -10,11 +10,17 @@ per-seed ratios), and where its update went (the share of sum_m ||dW_m||^2 on ea
 seeds); then every difference pooled over the tasks (per seed the mean over tasks, as the GLUE score averages
 them). Benches run apart are joined column by column, and only where every column they share has the same
 final metric on every seed (the same runs: training is deterministic for a seed and its settings).
+
+A committed report whose records are not in the repository gives columns from its summary.json (final metric
+per seed only): `--summary results/fwrank/summary.json:adalora=adalora_noorth,lora=lora`. A column that a
+bench also holds (here lora) must have the same final metric on every seed: a check that the bench
+reproduces the committed runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -33,19 +39,42 @@ KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "
          "intermediate.dense", "output.dense")
 
 
-def collect(dirs: list[Path]) -> dict:
-    """{task: {column: {seed: record}}}, joined over the benches (refusing a column that differs)."""
+class SummaryRun:
+    """A committed run known only by its final metric (a summary.json's final_by_seed)."""
+
+    def __init__(self, metric: str, final: float) -> None:
+        self.metric, self.final, self.timing, self.budget, self.matrices = metric, final, {}, {}, None
+
+    def metric_value(self, which: str) -> float:
+        return self.final
+
+
+def _join(cell: dict, task: str, label: str, seed: int, run) -> None:
+    old = cell.get(seed)
+    if old is not None and old.metric_value("final") != run.metric_value("final"):
+        raise SystemExit(f"{task} {label} seed {seed}: two sources hold different runs "
+                         f"({old.metric_value('final')} and {run.metric_value('final')}); not joined")
+    if old is None or isinstance(old, SummaryRun):  # a full record wins over a summary's number
+        cell[seed] = run
+
+
+def collect(dirs: list[Path], summaries: list[str] = ()) -> dict:
+    """{task: {column: {seed: record}}}, joined over the benches and summaries (refusing a column that differs)."""
     out: dict[str, dict[str, dict[int, object]]] = defaultdict(lambda: defaultdict(dict))
     for protocol in discover(dirs):
         for run in protocol.runs:
-            if run.status != Status.COMPLETE or run.result is None:
-                continue
-            cell = out[run.task][run.label]
-            old = cell.get(run.seed)
-            if old is not None and old.metric_value("final") != run.result.metric_value("final"):
-                raise SystemExit(f"{run.task} {run.label} seed {run.seed}: two benches hold different runs "
-                                 f"({old.metric_value('final')} and {run.result.metric_value('final')}); not joined")
-            cell[run.seed] = run.result
+            if run.status == Status.COMPLETE and run.result is not None:
+                _join(out[run.task][run.label], run.task, run.label, run.seed, run.result)
+    for spec in summaries:
+        path, _, names = spec.partition(":")
+        rename = dict(pair.split("=", 1) for pair in names.split(",") if pair)
+        for protocol in json.loads(Path(path).read_text(encoding="utf-8"))["protocols"]:
+            for cell in protocol["cells"]:
+                if cell["task"] not in out:
+                    continue  # only the tasks a bench ran
+                for label, new in rename.items():
+                    for seed, final in (cell["methods"].get(label) or {}).get("final_by_seed", {}).items():
+                        _join(out[cell["task"]][new], cell["task"], new, int(seed), SummaryRun(cell["metric"], final))
     return out
 
 
@@ -67,15 +96,16 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
             vs[name] = paired_ci(d) | {"seeds": seeds, "diffs": d}
         diffs[label] = vs
         b = next(iter(runs.values())).budget
-        ratios = [runs[s].timing["train_seconds"] / ref[s].timing["train_seconds"] for s in runs if s in ref]
-        shares = [share(r) for r in runs.values()]
-        kind_share = {k: statistics.fmean(s.get(k, 0.0) for s in shares) for k in KINDS}
+        ratios = [runs[s].timing["train_seconds"] / ref[s].timing["train_seconds"] for s in runs
+                  if s in ref and runs[s].timing and ref[s].timing]
+        shares = [share(r) for r in runs.values() if r.matrices]
+        kind_share = {k: statistics.fmean(s.get(k, 0.0) for s in shares) if shares else None for k in KINDS}
         rows.append([label, f"{fmt_mean_std(mean_std(list(finals.values())))} ({len(finals)})",
                      "—" if label == reference else fmt_ci(vs["ref"]), "—" if label == rival else fmt_ci(vs["rival"]),
                      f"{fmt_count(b.get('trained_adapter_params_initial'))} → {fmt_count(b.get('trained_adapter_params_final'))}"
                      f" (mean {fmt_count(b.get('trained_adapter_params_mean'))})",
                      fmt_ratio(statistics.median(ratios), 2) if ratios and label != reference else "1" if label == reference else "—",
-                     *[fmt(100 * kind_share[k], 1) for k in KINDS]])
+                     *[fmt(100 * kind_share[k], 1) if kind_share[k] is not None else "—" for k in KINDS]])
     return rows, diffs
 
 
@@ -85,9 +115,11 @@ def main() -> int:
     p.add_argument("--reference", default="lora")
     p.add_argument("--rival", default="adalora")
     p.add_argument("--columns", help="the columns, in order (default: as found)")
+    p.add_argument("--summary", action="append", default=[], metavar="SUMMARY.json:LABEL=COLUMN,...",
+                   help="columns from a committed report's summary.json (final metric per seed only)")
     p.add_argument("--output", type=Path)
     args = p.parse_args()
-    data = collect(args.dirs)
+    data = collect(args.dirs, args.summary)
     lines = []
     pooled: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for task, columns in data.items():
