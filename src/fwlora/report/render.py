@@ -353,10 +353,11 @@ def protocol_markdown(summary: dict[str, Any], plots: dict[str, list[str]]) -> s
     L += ["", "### Open question 1: reallocation or uniform decay?", ""]
     L += _matrix_md(summary)
     L += _importance_vs_update_md(summary)
-    for kind, title in plot_titles(sorted(set((summary.get("method_of") or {}).values()))):
+    present = set((summary.get("method_of") or {}).values())
+    for kind, title in plot_titles(sorted(present)):
         for name in plots.get(kind, []):
             L += ["", f"{title}: ![{name}]({name})"]
-    draws_importance = set(methods.with_figure("importance")) & set((summary.get("method_of") or {}).values())
+    draws_importance = set(methods.with_figure("importance")) & present
     missing = [k for k in ("metric_vs_budget", "time_ratios", "importance", "matrices", "curves")
                if not plots.get(k) and (k != "importance" or draws_importance)]
     if missing:
