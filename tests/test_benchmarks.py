@@ -178,3 +178,48 @@ def test_sweep_trials_lines_up_the_committed_sweeps(capsys):
             row = rows[best["trial"]]
             assert row[2 + header.index(method)].startswith(f"{best['value']:.3f}")
             assert row[1] == f"{best['params']['lr']:.3g}"
+
+
+def _edge_table():
+    spec = importlib.util.spec_from_file_location("edge_table", REPO / "benchmarks" / "edge_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, capsys):
+    """results/adalora-edge/edge.md is what the command its README gives makes from the committed records
+    and summaries (the command is read from the README: README, records and table cannot drift apart)."""
+    import shlex
+
+    readme = (REPO / "results" / "adalora-edge" / "README.md").read_text(encoding="utf-8")
+    start = readme.index("python benchmarks/edge_table.py")
+    command = readme[start:readme.index("```", start)].replace("\\\n", " ")
+    argv = shlex.split(command)[2:]
+    out = argv.index("--output")
+    assert argv[out + 1] == "results/adalora-edge/edge.md"
+    argv[out + 1] = str(tmp_path / "edge.md")
+    import os
+
+    here = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert _edge_table().main(argv) == 0
+    finally:
+        os.chdir(here)
+    committed = (REPO / "results" / "adalora-edge" / "edge.md").read_text(encoding="utf-8")
+    assert (tmp_path / "edge.md").read_text(encoding="utf-8") == committed
+
+
+def test_edge_table_times_only_within_one_session(tmp_path):
+    """A time ratio pairs runs of one session only: MiniLM's SST-2 step took 0.38 s on one session's machine
+    and 0.48 s on another's, so a ratio across sessions measures the machines."""
+    edge = _edge_table()
+    a, b, c = (tmp_path / n for n in "abc")
+    timings = {("cola", "lora", 0): {a: 100.0, c: 200.0}, ("cola", "wide", 0): {b: 106.0},
+               ("cola", "lora", 1): {a: 100.0}, ("cola", "wide", 1): {c: 300.0}}
+    assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b}, {c}]) == [pytest.approx(1.06)]
+    # seed 1's pair is from two sessions: left out; with all three as one session both seeds count (seed 0:
+    # the median of 106/100 and 106/200)
+    assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b, c}]) == [pytest.approx(0.795), pytest.approx(3.0)]
+    assert edge.time_ratios("cola", "lora", "lora", timings, [{a}, {b}, {c}]) == [1.0, 1.0]
