@@ -6,8 +6,8 @@
 For each task and each column: the final metric (mean ± std over seeds), its paired difference with the
 reference (LoRA) and with the rival (AdaLoRA; 95 % Student t over seeds), the adapter parameters it trained
 (at the start, at the end, the mean over the steps), its training time over the reference's (median of
-per-seed ratios, each between two runs of one session: see --session), and where its update went (the share of sum_m ||dW_m||^2 on each matrix type, mean over
-seeds); then every difference pooled over the tasks (per seed the mean over tasks, as the GLUE score averages
+per-seed ratios, each between two runs of one session: see --session), and where its update went (the share
+of sum_m ||dW_m||^2 on each matrix type, mean over seeds); then every difference pooled over the tasks (per seed the mean over tasks, as the GLUE score averages
 them). Benches run apart are joined column by column, and only where every column they share has the same
 final metric on every seed (the same runs: training is deterministic for a seed and its settings).
 
@@ -97,9 +97,9 @@ def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: 
     """Per seed, this column's training time over the reference's, from runs of one session only."""
     ratios = []
     for (t, lab, seed), mine in timings.items():
-        ref = timings.get((task, reference, seed), {})
         if t != task or lab != label:
             continue
+        ref = timings.get((task, reference, seed), {})
         pairs = [mine[a] / ref[b] for a in mine for b in ref if any(a in s and b in s for s in sessions)]
         if pairs:
             ratios.append(statistics.median(pairs))

@@ -11,11 +11,16 @@ import pytest
 from conftest import REPO
 
 
-def load_overhead():
-    spec = importlib.util.spec_from_file_location("overhead_benchmark", REPO / "benchmarks" / "overhead.py")
+def load_script(name: str):
+    """A benchmark script (benchmarks/NAME.py, not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_overhead():
+    return load_script("overhead")
 
 
 def test_overhead_batches_run_past_one_epoch(glue_dir, monkeypatch):
@@ -103,12 +108,9 @@ def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, cap
     """The committed fwrank comparison split into one summary per task (as a held-out task run in a bench of
     its own would be): pooled again, its numbers are those the report computed over the one bench."""
     import copy
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("pool_tasks", REPO / "benchmarks" / "pool_tasks.py")
-    pool_tasks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pool_tasks)
+    pool_tasks = load_script("pool_tasks")
     committed = json.loads((REPO / "results" / "fwrank" / "summary.json").read_text())
     protocol = committed["protocols"][0]
     paths = []
@@ -162,12 +164,9 @@ def test_pool_tasks_over_two_benches_equals_the_report_pooling_one(tmp_path, cap
 def test_sweep_trials_lines_up_the_committed_sweeps(capsys):
     """Release 1's and release 2's CoLA sweeps drew the same learning rate for trial n in every study; each
     study's best trial appears in its row with the value its best_params.json records."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("sweep_trials", REPO / "benchmarks" / "sweep_trials.py")
-    sweep_trials = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep_trials)
+    sweep_trials = load_script("sweep_trials")
     journals = [REPO / "results" / d / "optuna.journal" for d in ("sweep-cpu", "sweep-fwrank")]
     assert sweep_trials.main([str(j) for j in journals]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
@@ -180,14 +179,7 @@ def test_sweep_trials_lines_up_the_committed_sweeps(capsys):
             assert row[1] == f"{best['params']['lr']:.3g}"
 
 
-def _edge_table():
-    spec = importlib.util.spec_from_file_location("edge_table", REPO / "benchmarks" / "edge_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, capsys):
+def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, monkeypatch):
     """results/adalora-edge/edge.md is what the command its README gives makes from the committed records
     and summaries (the command is read from the README: README, records and table cannot drift apart)."""
     import shlex
@@ -199,14 +191,8 @@ def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, capsys):
     out = argv.index("--output")
     assert argv[out + 1] == "results/adalora-edge/edge.md"
     argv[out + 1] = str(tmp_path / "edge.md")
-    import os
-
-    here = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert _edge_table().main(argv) == 0
-    finally:
-        os.chdir(here)
+    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
+    assert load_script("edge_table").main(argv) == 0
     committed = (REPO / "results" / "adalora-edge" / "edge.md").read_text(encoding="utf-8")
     assert (tmp_path / "edge.md").read_text(encoding="utf-8") == committed
 
@@ -214,7 +200,7 @@ def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, capsys):
 def test_edge_table_times_only_within_one_session(tmp_path):
     """A time ratio pairs runs of one session only: MiniLM's SST-2 step took 0.38 s on one session's machine
     and 0.48 s on another's, so a ratio across sessions measures the machines."""
-    edge = _edge_table()
+    edge = load_script("edge_table")
     a, b, c = (tmp_path / n for n in "abc")
     timings = {("cola", "lora", 0): {a: 100.0, c: 200.0}, ("cola", "wide", 0): {b: 106.0},
                ("cola", "lora", 1): {a: 100.0}, ("cola", "wide", 1): {c: 300.0}}
