@@ -39,7 +39,7 @@ from fwlora.train import train
 
 log = logging.getLogger(__name__)
 
-PRESET_KEYS = {"grid", "train", "tasks", "methods", "variants", "note"}
+PRESET_KEYS = {"grid", "train", "tasks", "methods", "variants", "note", "lr_search", "lr_choice"}
 GRID_KEYS = {"tasks", "methods", "budgets", "ranks", "seeds"}
 
 

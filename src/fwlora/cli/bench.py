@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from fwlora import methods
+from fwlora import lr_search, methods
 from fwlora.bench import check_data, check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
 from fwlora.cli.flags import PROGRAM, parse_sets
+from fwlora.errors import UserError
 from fwlora.records import run_status, write_bench
+from fwlora.rundir import environment
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-retry-failed", action="store_true", help="leave runs recorded as failed alone")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--lr-search", action="store_true",
+                   help="equal-effort learning rates: run the preset's lr_search (every column at every lr on the "
+                        "design seed), then write <output-dir>/frozen.yaml with each column's best lr; commit it "
+                        "and run the evaluation seeds with it (src/fwlora/lr_search.py says the rule)")
     p.set_defaults(handler=cmd_bench)
 
 
@@ -56,6 +62,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fwlora.rundir import quiet_transformers
 
     preset = load_preset(args.preset) if args.preset else {"source": "command line"}
+    frozen_commit = None
+    overrides = {"tasks": args.tasks, "methods": args.methods, "budgets": args.budgets, "ranks": args.ranks,
+                 "seeds": args.seeds}
+    if args.lr_search:  # the flags narrow the grid first; the search then sets seed, tasks and size
+        grid = {**(preset.get("grid") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        searched = {**preset, "grid": grid}
+        preset, overrides = lr_search.search_preset(searched), {}
+    elif "lr_search" in preset and "lr_choice" not in preset:
+        raise UserError(f"{preset['source']} chooses each method's lr first: run it with --lr-search, commit the "
+                        f"{lr_search.FROZEN_FILE} it writes, then run the evaluation seeds with that file")
+    else:
+        frozen_commit = lr_search.check_committed(preset)
     train_overrides = parse_sets(args.set)
     if args.data_dir:
         train_overrides["data_dir"] = args.data_dir
@@ -65,8 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.text_columns:
         train_overrides["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     output_dir = Path(args.output_dir)
-    cells = plan(preset, output_dir, {"tasks": args.tasks, "methods": args.methods, "budgets": args.budgets,
-                                      "ranks": args.ranks, "seeds": args.seeds}, train_overrides)
+    cells = plan(preset, output_dir, overrides, train_overrides)
     if args.dry_run:
         for c in cells:
             print(f"{c.key:40s} {run_status(Path(c.config.output_dir)) or 'to run'}")
@@ -76,9 +93,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with quiet_transformers():
         warn_colliding_budgets(cells)
         write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,
-                                 "set": train_overrides, "runs": [c.key for c in cells]})
+                                 "set": train_overrides, "runs": [c.key for c in cells],
+                                 "frozen_preset_commit": frozen_commit})
         statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed)
     failed = [k for k, s in statuses.items() if s != "complete"]
+    if args.lr_search:  # a failed run scores as its task's worst lr
+        path, choices = lr_search.freeze(searched, output_dir, environment().get("git_commit"))
+        print(lr_search.describe(choices))
+        print(f"\nfrozen preset: {path} (commit it before any evaluation seed runs)")
     if not args.no_report:
         summary = report.write_report([output_dir], output_dir / "report")
         print(summary["main_table"])
