@@ -63,8 +63,37 @@ def _kind_and_labels(cfg: TrainConfig, record: Any) -> tuple[str, int | None, li
     return ("regression" if num_labels == 1 else "classification"), num_labels, names
 
 
+def resolve_device(choice: str | torch.device) -> torch.device:
+    """"auto": the first CUDA device when there is one, else the CPU; "cpu", "cuda", "cuda:N" as they say
+    (a CUDA device that is not there is the user's mistake, said in one line)."""
+    if isinstance(choice, torch.device):
+        return choice
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise UserError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {choice}: torch sees no CUDA device here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {choice}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on `device`; to a GPU through pinned memory, without waiting for the copy."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def load_run(run_dir: str | Path, device: str | torch.device | None = None, for_training: bool = False) -> LoadedRun:
-    """The trained model of a complete run directory (written by `fwlora train` or `bench`)."""
+    """The trained model of a complete run directory (written by `fwlora train` or `bench`), in the run's
+    dtype, on `device` ("auto", "cpu", "cuda[:N]"; None: where it loads, the CPU)."""
     from peft import PeftModel
 
     run_dir = Path(run_dir)
@@ -91,7 +120,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, for_
         models.set_pad_token(base, tokenizer, cfg.model)
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=for_training)
     if device is not None:
-        model.to(device)
+        model.to(resolve_device(device))
     model.train(for_training)
     run = LoadedRun(run_dir, cfg, model, tokenizer, kind, names, head, record)
     if for_training:
@@ -140,8 +169,8 @@ def predict(run: LoadedRun, inputs: Sequence[Any], batch_size: int = 64, max_len
     device = next(run.model.parameters()).device
     out: list[dict[str, Any] | None] = [None] * len(encoded)
     for batch_ids in _batches(len(encoded), [len(e["input_ids"]) for e in encoded], batch_size):
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in batch_ids]).items()}
-        logits = run.model(**batch).logits.float().cpu()
+        batch = to_device(dict(collate([encoded[i] for i in batch_ids])), device)
+        logits = run.model(**batch).logits.float().cpu()  # waits for the GPU
         for i, z in zip(batch_ids, logits):
             if run.kind == "regression":
                 out[i] = {"value": float(z.reshape(-1)[0])}
@@ -179,8 +208,8 @@ def _generate(run: LoadedRun, prompts: Sequence[Any], batch_size: int, max_lengt
         for row, i in enumerate(batch_ids):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             mask[row, width - len(ids[i]):] = 1
-        generated = run.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config)
+        generated = run.model.generate(**to_device({"input_ids": input_ids, "attention_mask": mask}, device),
+                                       generation_config=config).cpu()
         for row, i in enumerate(batch_ids):
             out[i] = {"response": tok.decode(generated[row, width:].tolist(), skip_special_tokens=True)}
         if progress is not None:

@@ -2,7 +2,9 @@
 parameter counts behind a budget. The offline backbones (minilm, mpnet, smollm2) are found by backbones.py.
 
 Precision: weights load in float32 unless --dtype says otherwise; on a GPU pass --mixed-precision bf16
-(Accelerate autocasts the forward pass; the LoRA weights and the optimizer state stay float32).
+(Accelerate autocasts the forward pass; the LoRA weights and the optimizer state stay float32). Under a
+bfloat16/float16 backbone the task head stays float32 and casts its input to its own dtype, as PEFT does for
+its float32 adapters and transformers for its _keep_in_fp32_modules, so that no autocast is needed.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = 
     Either way the tokenizer has a pad token (its eos when it has none) and the model's config the same
     pad_token_id, which a decoder's own head uses to find each sequence's last token. dtype: the weights'
     precision (float32 by default); load_in_4bit: QLoRA's NF4 base through bitsandbytes (refused with the reason
-    where it cannot run). The task head stays float32 either way.
+    where it cannot run). The task head stays float32 either way (keep_head_float32).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -158,10 +160,35 @@ def load_backbone(name: str, task: Any, head: str = "model", kind: str | None = 
     set_pad_token(model, tokenizer, name)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # training never reuses a KV cache; generation asks for one itself
-    for module_name, module in model.named_modules():  # the head trains in full: float32 whatever the backbone's
-        if module_name in HEAD_NAMES and dtype != "float32":
-            module.float()
+    if dtype != "float32" or load_in_4bit:
+        keep_head_float32(model)
     return model, tokenizer
+
+
+def keep_head_float32(model: nn.Module) -> None:
+    """Keep the task head (classifier, score, a BERT pooler) in float32 under a low-precision backbone, its input
+    cast to float32 by a forward pre-hook.
+
+    The head is trained in full: bfloat16 weights would lose AdamW's small updates to rounding. Without
+    autocast a float32 head meets bfloat16 activations ("expected m1 and m2 to have the same dtype"); the
+    hook casts them, the gradient flows back through the cast in the backbone's dtype, and the logits and
+    the loss come out float32. PEFT's modules_to_save copy (a deepcopy) keeps the hook.
+    """
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            module.float()
+            module.register_forward_pre_hook(_cast_input_to_own_dtype, with_kwargs=True)
+
+
+def _cast_input_to_own_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype else v
+
+    if dtype is None:
+        return args, kwargs
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def precision_kwargs(dtype: str, load_in_4bit: bool) -> dict[str, Any]:
@@ -176,8 +203,24 @@ def precision_kwargs(dtype: str, load_in_4bit: bool) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     compute = DTYPES[dtype] if dtype != "float32" else torch.bfloat16
+    cuda = torch.cuda.is_available()
+    local_index = 0
+    if cuda:
+        from accelerate import PartialState
+
+        local_index = PartialState().local_process_index  # the process group the Accelerator will reuse
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)}
+                                                      bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True),
+            "device_map": quantized_device_map(local_index, cuda)}
+
+
+def quantized_device_map(local_index: int, cuda: bool) -> dict[str, int | str]:
+    """Where a 4-bit backbone loads: whole on this process's own GPU (its local rank under torchrun), or the CPU.
+
+    bitsandbytes quantises while loading, on a device; without a device_map transformers picks the current
+    CUDA device, cuda:0 for every rank that has not set its own, so all ranks would pile onto one GPU.
+    """
+    return {"": int(local_index) if cuda else "cpu"}
 
 
 def quantization_unavailable() -> str | None:

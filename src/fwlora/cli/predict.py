@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="instruction runs: the generation limit (default: 256)")
     p.add_argument("--limit", type=int, help="predict the first N examples only")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda "
+                                                    "or cuda:N; the model runs in the dtype it was trained in")
     p.set_defaults(handler=cmd_predict)
 
 
@@ -45,7 +47,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size, --max-new-tokens and --limit must be >= 1")
     with quiet_transformers():
-        run = inference.load_run(args.run_dir)
+        run = inference.load_run(args.run_dir, device=inference.resolve_device(args.device))
         inputs, labels, source = inference.prediction_inputs(run, args.dataset, args.text_columns, args.prompt_column,
                                                              args.label_column)
         if args.limit:
