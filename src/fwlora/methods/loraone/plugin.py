@@ -1,0 +1,120 @@
+"""LoRA-One as a plug-in: LoRA at the run's rank whose A and B start from the top-r singular vectors of one
+full-batch gradient step (init.py holds the math, ../weight_grads.py the gradient pass).
+
+Budget parity: the adapter is LoRA's at the run's rank r, the scaling LoRA's (alpha / r = 2, or the user's
+alpha); only the starting point differs (and, with --loraone-preconditioner riemannian, the gradient the
+optimizer sees). The gradient pass reads the run's first `batches` training batches inside build(), so its
+cost is the run's (the loop times build where a method reads data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fwlora.errors import MethodError, UserError
+from fwlora.methods.base import Method, lora_config
+from fwlora.methods.gradients import find_lora_layers, is_int, is_real
+from fwlora.methods.loraone.init import precondition_, spectral_init
+from fwlora.methods.registry import register
+from fwlora.methods.weight_grads import weight_gradients
+
+PRECONDITIONERS = ("none", "riemannian")
+
+
+@dataclass(kw_only=True)
+class LoRAOneSettings:
+    batches: int = field(default=4, metadata={
+        "help": "training batches whose mean full-weight gradient G initialises the adapters (read before step 1, "
+                "inside the timed run)"})
+    gamma: float = field(default=16.0, metadata={
+        "help": "the stable scale: B0 A0 = [-G]_r / (gamma sigma_1(G)), so the initial update's spectral norm is "
+                "s / gamma (the authors' T5/GLUE setting: 16)"})
+    preconditioner: Literal["none", "riemannian"] = field(default="none", metadata={
+        "help": "'riemannian': multiply the gradients of A and B by (B^T B + eps I)^-1 and (A A^T + eps I)^-1 before "
+                "each optimizer step, as the paper's full algorithm does; 'none': plain LoRA updates"})
+    precondition_eps: float = field(default=1e-6, metadata={
+        "help": "eps of the preconditioner's (B^T B + eps I) and (A A^T + eps I)"})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> MethodError:
+            return MethodError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: {why}")
+
+        if not is_int(self.batches) or self.batches < 1:
+            raise bad("batches", "must be an integer >= 1")
+        if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
+            raise bad("gamma", "must be a finite number > 0")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise bad("preconditioner", "must be one of " + ", ".join(f"'{p}'" for p in PRECONDITIONERS))
+        if not is_real(self.precondition_eps) or not 0 < self.precondition_eps < float("inf"):
+            raise bad("precondition_eps", "must be a finite number > 0")
+
+
+@register
+class LoRAOne(Method):
+    name, label = "loraone", "LoRA-One"
+    Settings = LoRAOneSettings
+    prefix = "loraone_"
+    search_space = {"loraone_gamma": {"type": "categorical", "choices": [4.0, 16.0, 64.0]},
+                    "loraone_preconditioner": {"type": "categorical", "choices": list(PRECONDITIONERS)}}
+    colour, line_style = "tab:cyan", ("--", "v")
+    uses_data_pass = True
+
+    def check(self) -> list[str]:
+        if self.run.quantized:
+            raise UserError("--load-in-4bit: LoRA-One reads the gradient of each full-precision base weight, which a "
+                            "4-bit backbone does not have; train on a bfloat16 or float32 backbone")
+        return []
+
+    def build(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        self.lora_alpha = self.run.lora_alpha or 2.0 * self.run.rank  # LoRA's default: s = alpha / r = 2
+        peft_model = get_peft_model(model, lora_config(self.run, self.run.rank, self.lora_alpha))
+        layers = find_lora_layers(peft_model)
+        grads = weight_gradients(peft_model, layers, self.data, self.settings.batches)
+        self.captured: dict[str, float] = {}
+        for name, layer in layers.items():
+            b0, a0, self.captured[name] = spectral_init(grads.pop(name), self.run.rank, self.settings.gamma)
+            write_factors(layer, b0, a0)
+        return peft_model
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        self.layers = find_lora_layers(model) if self.settings.preconditioner != "none" else {}
+
+    def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
+        # after clipping, on the unscaled .grad; an fp16 overflow stays non-finite and the scaler skips the step
+        for layer in self.layers.values():
+            adapter = layer.active_adapters[0]
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            precondition_(a.detach(), b.detach(), a.grad, b.grad, self.settings.precondition_eps)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.settings
+        shares = list(self.captured.values())
+        return {"lora_alpha": self.lora_alpha, "batches": s.batches, "gamma": s.gamma,
+                "preconditioner": s.preconditioner, "initial_spectral_norm": self.lora_alpha / self.run.rank / s.gamma,
+                "captured_mean": sum(shares) / len(shares) if shares else None}
+
+    def matrix_columns(self) -> dict[str, dict[str, float]]:
+        return {"loraone_captured": {_short(n): v for n, v in self.captured.items()}}
+
+
+@torch.no_grad()
+def write_factors(layer: nn.Module, b0: torch.Tensor, a0: torch.Tensor) -> None:
+    """Put B0 (d_out x k) and A0 (k x d_in) into the layer's first k ranks; the other ranks keep PEFT's
+    initialisation (random A, zero B), so they start at zero update and can still learn."""
+    adapter = layer.active_adapters[0]
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    k = a0.shape[0]
+    a[:k] = a0.to(a.dtype)
+    b.zero_()
+    b[:, :k] = b0.to(b.dtype)
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("base_model.model.")
