@@ -117,7 +117,7 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
         for other, name in ((ref, "ref"), (riv, "rival")):
             seeds = sorted(set(finals) & set(other))
             d = [finals[s] - other[s].metric_value("final") for s in seeds]
-            vs[name] = paired_ci(d) | {"seeds": seeds, "diffs": d}
+            vs[name] = paired_ci(d, seeds)
         diffs[label] = vs
         b = next(iter(runs.values())).budget
         ratios = time_ratios(task, label, reference, timings or {}, list(sessions))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"### {task}", "", markdown_table(header, rows), ""]
         for label, vs in diffs.items():
             for name, ci in vs.items():
-                for seed, d in zip(ci["seeds"], ci["diffs"]):
+                for seed, d in zip(ci.seeds, ci.diffs):
                     pooled[label][name][seed][task] = d
     pools = [[t for t in spec.split(",") if t] for spec in args.pool] or ([list(data)] if len(data) > 1 else [])
     for tasks in pools:

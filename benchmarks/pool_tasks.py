@@ -6,7 +6,7 @@
 `fwlora report` compares and pools within one bench directory; a task or a column run later in a bench of
 its own is a protocol of its own there. This reads the summary.json files those reports wrote (each cell's
 final metric per seed and column) and puts the named columns side by side:
-- tasks from several files are pooled with the report's own rule (aggregate.pooled_over_tasks: per seed,
+- tasks from several files are pooled with the report's own rule (report.verdicts.pool_over_tasks: per seed,
   the mean over tasks of each paired difference; Student t interval over the seeds every task has);
 - one task in several files (a column added later) is joined into one cell, but only where every column
   the files share has the same final metric on every seed: then they hold the same runs (training here is
@@ -25,8 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from fwlora.report.cells import Cell  # noqa: E402
 from fwlora.report.columns import Columns  # noqa: E402
-from fwlora.report.verdicts import pooled_over_tasks  # noqa: E402
+from fwlora.report.verdicts import pool_over_tasks  # noqa: E402
 from fwlora.report.stats import paired_ci  # noqa: E402
 from fwlora.report.text import fmt_ci, markdown_table  # noqa: E402
 
@@ -89,37 +90,38 @@ def main(argv: list[str] | None = None) -> int:
             if differ:
                 raise SystemExit(f"{path}: column {lb} was run with other settings ({', '.join(differ)}) "
                                  f"than in {first_path}: not one protocol")
-    cols = Columns(labels=labels, method_of={}, names={}, reference=labels[0])
-    for p in protocols:
-        cols.method_of |= {lb: m for lb, m in p["method_of"].items() if lb in labels}
-        cols.names |= {lb: n for lb, n in p["names"].items() if lb in labels}
+    method_of = {lb: m for p in protocols for lb, m in p["method_of"].items() if lb in labels}
+    names = {lb: n for p in protocols for lb, n in p["names"].items() if lb in labels}
+    cols = Columns(labels=tuple(labels), method_of=method_of, names=names, reference=labels[0])
     cells = joined_cells(protocols, labels)
     for c in cells:
         missing = [lb for lb in labels if lb not in c["finals"]]
         if missing:
             raise SystemExit(f"{c['task']} {c['budget_label']}: no column {', '.join(missing)} in any file")
-        c["pairs"] = {}
+    paired = []
+    for c in cells:
+        differences = {}
         for a, b in cols.pairs():
             seeds = sorted(set(c["finals"][a]) & set(c["finals"][b]))
-            diffs = [c["finals"][a][s] - c["finals"][b][s] for s in seeds]
-            c["pairs"][f"{a}-{b}"] = paired_ci(diffs) | {"seeds": seeds, "diffs": diffs}
-    pooled = pooled_over_tasks(cells, cols)
+            differences[(a, b)] = paired_ci([c["finals"][a][s] - c["finals"][b][s] for s in seeds], seeds)
+        paired.append(Cell(c["task"], c["budget_label"], c["higher_is_better"], differences))
+    pooled = pool_over_tasks(paired, cols)
     if pooled is None:
         raise SystemExit("pooling needs two or more tasks whose metrics all rise with quality")
     rows = []
     for a, b in cols.pairs():
         per_task = []
-        for task in pooled["tasks"]:
-            cell = next(c for c in cells if c["task"] == task)
-            per_task.append(fmt_ci(cell["pairs"].get(f"{a}-{b}") or {}))
-        entry = pooled[f"{a}-{b}"]
-        rows.append([f"{cols.name(a)} − {cols.name(b)}", *per_task, f"{fmt_ci(entry)} ({len(entry['seeds'])} seeds)",
-                     entry["verdict"]])
+        for task in pooled.tasks:
+            cell = next(c for c in paired if c.task == task)
+            per_task.append(fmt_ci(cell.differences.get((a, b))))
+        entry = pooled.differences[(a, b)]
+        rows.append([f"{cols.name(a)} − {cols.name(b)}", *per_task,
+                     f"{fmt_ci(entry.interval)} ({len(entry.interval.seeds)} seeds)", entry.verdict])
     text = "\n".join([
-        f"Pooled over {', '.join(pooled['tasks'])} (per seed, the mean over tasks of the paired difference in each "
+        f"Pooled over {', '.join(pooled.tasks)} (per seed, the mean over tasks of the paired difference in each "
         "task's own metric; 95 % Student t interval over seeds), from " + ", ".join(f"`{p}`" for p in args.summaries) + ".",
         "",
-        markdown_table(["difference", *pooled["tasks"], "pooled", "verdict"], rows),
+        markdown_table(["difference", *pooled.tasks, "pooled", "verdict"], rows),
         "",
         "Command: `" + " ".join(["python", "benchmarks/pool_tasks.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
     ])

@@ -45,8 +45,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = args.output or Path(args.run_dirs[0]) / "report"
     summary = write_report(list(args.run_dirs), out, reference=args.reference)
-    print(summary["main_table"])
-    print(f"\nreport: {summary['report']}")
+    print(summary.main_table)
+    print(f"\nreport: {summary.report}")
     if args.records:
         from fwlora.records import copy_records
 

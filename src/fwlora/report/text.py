@@ -1,45 +1,39 @@
-"""Number and table formatting shared by the verdict lines (aggregate) and report.md (render)."""
+"""How the report prints its statistics and settings (the number and table formats are fwlora.markdown's)."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from fwlora.markdown import finite_number, fmt, fmt_signed, markdown_table
+from fwlora.report.stats import MeanStd, PairedInterval
 
-def ok(x: Any) -> bool:
-    """A finite real number (not a bool)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if ok(x) else "—"
-
-
-def fmt_signed(x: Any, digits: int = 3) -> str:
-    return f"{x:+.{digits}f}" if ok(x) else "—"
+__all__ = ["fmt", "fmt_ci", "fmt_count", "fmt_mean_std", "fmt_ratio", "fmt_signed", "fmt_value",
+           "markdown_table", "slug"]
 
 
 def fmt_ratio(x: Any, digits: int = 2) -> str:
-    return f"{x:.{digits}f}x" if ok(x) else "—"
+    return f"{x:.{digits}f}x" if finite_number(x) else "—"
 
 
-def fmt_ci(ci: dict[str, Any], digits: int = 3) -> str:
-    """'+0.020 [-0.010, +0.050]'; a single pair has no interval."""
-    if not ci or ci.get("n", 0) == 0:
+def fmt_ci(ci: PairedInterval | Mapping[str, Any] | None, digits: int = 3) -> str:
+    """'+0.020 [-0.010, +0.050]'; a single pair has no interval. Also reads one as summary.json holds it."""
+    if isinstance(ci, Mapping):
+        ci = PairedInterval.from_json(ci) if ci else None
+    if ci is None or ci.n == 0:
         return "—"
-    if ci["n"] == 1:
-        return f"{fmt_signed(ci['mean'], digits)} [n/a, 1 pair]"
-    return f"{fmt_signed(ci['mean'], digits)} [{fmt_signed(ci['low'], digits)}, {fmt_signed(ci['high'], digits)}]"
+    if ci.n == 1:
+        return f"{fmt_signed(ci.mean, digits)} [n/a, 1 pair]"
+    return f"{fmt_signed(ci.mean, digits)} [{fmt_signed(ci.low, digits)}, {fmt_signed(ci.high, digits)}]"
 
 
-def fmt_mean_std(s: dict[str, Any], digits: int = 3) -> str:
-    if not s or s.get("mean") is None:
+def fmt_mean_std(s: MeanStd | None, digits: int = 3) -> str:
+    if s is None or s.mean is None:
         return "—"
-    if s.get("std") is None:
-        return f"{fmt(s['mean'], digits)} (1 seed)"
-    return f"{fmt(s['mean'], digits)} ± {fmt(s['std'], digits)}"
+    if s.std is None:
+        return f"{fmt(s.mean, digits)} (1 seed)"
+    return f"{fmt(s.mean, digits)} ± {fmt(s.std, digits)}"
 
 
 def fmt_value(v: Any) -> str:
@@ -53,16 +47,7 @@ def fmt_value(v: Any) -> str:
 
 def fmt_count(v: Any) -> str:
     """A parameter count: '1,234' (a mean over steps is rounded)."""
-    return f"{round(v):,}" if ok(v) else "—"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return f"{round(v):,}" if finite_number(v) else "—"
 
 
 def slug(text: str) -> str:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from fwlora.errors import UserError
-from fwlora.methods.base import WITHIN_LORA_TIME, Method, lora_config
+from fwlora.methods.base import WITHIN_LORA_TIME, Method, ReportView, lora_config
 from fwlora.methods.fwlora.config import FWLoRAConfig
 from fwlora.methods.fwlora.fisher_weighted import FisherWeightedLoRA
+from fwlora.methods.fwlora.report_section import section
 from fwlora.methods.lora.plugin import default_alpha
 from fwlora.methods.registry import register
 
@@ -46,6 +47,11 @@ class FWLoRA(Method):
     importance_column = "importance"
     figures = ("importance", "penalty_question")
     warmup_phase = "the Fisher warm-up"
+
+    @classmethod
+    def report_section(cls, view: ReportView) -> str | None:
+        """The open question on its penalty, asked in every report (it says when a protocol cannot answer it)."""
+        return section(view, cls.name)
 
     def config(self) -> FWLoRAConfig:
         """The library config with K counted in this run's optimizer steps."""
