@@ -26,7 +26,7 @@ def test_defaults_are_valid_and_round_trip():
 
 
 @pytest.mark.parametrize("values, pattern", [
-    ({"method": "dora"}, r"method = 'dora': unknown method; use one of lora, adalora, fwlora"),
+    ({"method": "nosuch"}, r"method = 'nosuch': unknown method; use one of lora, adalora, fwlora"),
     ({"lambda_fw": -1e-4}, r"lambda-fw = -0\.0001: must be a finite number >= 0"),
     ({"lambda_fw": math.inf}, r"lambda-fw"),
     ({"fw_beta": 0.0}, r"fw-beta = 0\.0: must lie strictly between 0 and 1"),

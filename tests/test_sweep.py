@@ -254,7 +254,7 @@ def test_command_line_flags_fix_their_settings(tmp_path):
     with pytest.raises(UserError, match="--method or --methods"):
         parse("--method", "lora", "--methods", "lora,fwlora")
     with pytest.raises(UserError, match="unknown method"):
-        parse("--methods", "lora,dora")
+        parse("--methods", "lora,nosuch")
     help_text = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "postgresql://" in help_text and "--seeds-per-trial" in help_text and "--lambda-fw" in help_text
     assert "--heartbeat-seconds" in help_text and "fw_warmup_steps: {type: categorical, choices: [300, 500, 800]" in help_text

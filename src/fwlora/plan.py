@@ -33,7 +33,7 @@ class RunPlan:
         return RunInfo(total_steps=self.total_steps, seed=cfg.seed, rank=self.budget.rank,
                        adapter_params=self.budget.adapter_params, targets=list(self.targets),
                        modules_to_save=list(self.head_modules), lora_alpha=cfg.lora_alpha,
-                       lora_dropout=cfg.lora_dropout, task_type=self.task_type)
+                       lora_dropout=cfg.lora_dropout, task_type=self.task_type, quantized=cfg.load_in_4bit)
 
 
 def optimizer_steps(train_examples: int, batch_size: int, epochs: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Methods as plug-ins: each is a folder (its settings, its math, its plug-in), behind one interface
 (base.py) and one registry (registry.py). The warm-up statistic FW-LoRA and fwrank share is gradients.py.
 
-Built in: lora, adalora, fwlora, fwrank, widecut. A method of your own is one file:
+Built in: lora, adalora, fwlora, fwrank, widecut, loraone, gora, and PEFT's LoRA family (peft_lora.py:
+rslora, dora, pissa, olora, loraga, eva, loraplus). A method of your own is one file:
 
     from fwlora.methods import Method, register, lora_config
 
@@ -27,6 +28,15 @@ from fwlora.methods.adalora import plugin as _adalora  # noqa: E402,F401
 from fwlora.methods.fwlora import plugin as _fwlora  # noqa: E402,F401
 from fwlora.methods.fwrank import plugin as _fwrank  # noqa: E402,F401
 from fwlora.methods.widecut import plugin as _widecut  # noqa: E402,F401
+from fwlora.methods.loraone import plugin as _loraone  # noqa: E402,F401
+from fwlora.methods.gora import plugin as _gora  # noqa: E402,F401
+from fwlora.methods.rslora import plugin as _rslora  # noqa: E402,F401
+from fwlora.methods.dora import plugin as _dora  # noqa: E402,F401
+from fwlora.methods.pissa import plugin as _pissa  # noqa: E402,F401
+from fwlora.methods.olora import plugin as _olora  # noqa: E402,F401
+from fwlora.methods.loraga import plugin as _loraga  # noqa: E402,F401
+from fwlora.methods.eva import plugin as _eva  # noqa: E402,F401
+from fwlora.methods.loraplus import plugin as _loraplus  # noqa: E402,F401
 
 __all__ = ["Method", "NoSettings", "RunInfo", "TimeHypothesis", "PLUGINS_ENV", "REGISTRY", "register", "get", "names",
            "label", "all_settings", "owner_of", "load_plugins", "lora_config", "with_help", "method_class",

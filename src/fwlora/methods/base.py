@@ -3,7 +3,11 @@ code that applies it. The training loop (fwlora.train) only ever calls these hoo
 
     method = MethodClass(settings, run)         # settings validated where built
     notes = method.check()                      # before anything is built: refuse or warn (UserError)
-    peft_model = method.build(model)            # the PEFT model for the run's budget
+    method.data = DataPass(...)                 # only where uses_data_pass: training batches to read in build
+    peft_model = method.build(model)            # the PEFT model for the run's budget (timed, on the training
+                                                # device, where uses_data_pass or timed_init: an initialisation's
+                                                # reading and SVDs are its cost)
+    optimizer = method.make_optimizer(model, lr, weight_decay, ...) or AdamW   # LoRA+'s parameter groups
     method.attach(unwrapped_peft_model)         # after Accelerate has prepared it (hooks, state on device)
     per micro-batch:   loss = task_loss + method.extra_loss()      (None: no extra term)
     per optimizer step, after the last backward:
@@ -11,7 +15,8 @@ code that applies it. The training loop (fwlora.train) only ever calls these hoo
              -> changed = method.after_optimizer_step(step) -> (changed: method.refresh_optimizer(optimizer))
              -> scheduler.step() -> zero_grad -> method.log_values(step) to the trackers
     checkpoint:  method.save_state(dir) / method.load_state(dir)   (load before the trainable weights)
-    end:         method.save_adapter_extras(adapter_dir); method.summary(); method.matrix_columns(); close()
+    end:         method.delta_weights(dW); method.summary(); method.matrix_columns();
+                 method.save_adapter_extras(adapter_dir); close()
 
 `step` is the 0-based index of the optimizer step being closed. A method that changes the set or the
 shapes of trainable parameters returns True from after_optimizer_step (and from load_state): the loop
@@ -29,12 +34,15 @@ Fields listed in `run_fields` are filled from the run (its seed, its rank), not 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from fwlora.records import RunRecord
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,18 @@ class RunInfo:
     lora_alpha: float | None  # the user's --lora-alpha, None for the method's default
     lora_dropout: float
     task_type: str | None = None  # PEFT task type ("SEQ_CLS", "CAUSAL_LM") or None for a custom head
+    quantized: bool = False  # the backbone is 4-bit (QLoRA's --load-in-4bit)
+
+
+@dataclass(frozen=True)
+class DataPass:
+    """Training data a method may read while it builds its adapter (a gradient- or activation-driven
+    initialisation: LoRA-GA, EVA, GoRA, LoRA-One). `batches(n)` yields the run's first n training batches (the
+    loop's own batch size, on the model's device, in the run's seeded order); `loss(model, batch)` is the
+    task's training loss of one batch for any model of the run (the base model or the PEFT model)."""
+
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -93,6 +113,37 @@ REFERENCE, RIVAL = "reference", "rival"
 FIGURES = ("importance", "ranks", "penalty_question")
 
 
+def first_column(method_of: Mapping[str, str], method: str) -> str | None:
+    """The report column of a method's own runs (the column named after it), else its first variant's."""
+    if method_of.get(method) == method:
+        return method
+    return next((label for label, m in method_of.items() if m == method), None)
+
+
+@dataclass(frozen=True)
+class ReportCell:
+    """One (task, budget) of a report, as a method's own report section reads it."""
+
+    task: str
+    budget_label: str
+    runs: Mapping[str, Mapping[int, RunRecord]]  # column label -> seed -> the complete run's record
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """What a method's own report section may read: the protocol's columns in the report's order (a column is
+    a method or a bench's named variant of one), how the report prints them, and every cell's complete runs."""
+
+    labels: tuple[str, ...]
+    names: Mapping[str, str]
+    method_of: Mapping[str, str]
+    reference: str  # the column every other is compared with
+    cells: tuple[ReportCell, ...]
+
+    def column_of(self, method: str) -> str | None:
+        return first_column(self.method_of, method)
+
+
 class Method:
     """Base class: plain behaviour (no extra loss, nothing per step, no state). Subclasses override."""
 
@@ -121,11 +172,16 @@ class Method:
     run_fields: ClassVar[tuple[str, ...]] = ()
     # the sweep's default search space for this method's own settings (flat name -> sweep entry)
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    uses_data_pass: ClassVar[bool] = False  # True: the loop sets self.data (a DataPass) before build()
+    # True: build() does work of its own on the weights (an SVD of each, a data pass): the loop runs it on the
+    # training device and counts its seconds as training time (timing.init_seconds). uses_data_pass implies it.
+    timed_init: ClassVar[bool] = False
 
     def __init__(self, settings: Any, run: RunInfo):
         self.settings = settings
         self.run = run
         self.model: nn.Module | None = None
+        self.data: DataPass | None = None
 
     # ---- settings ----------------------------------------------------------------------------------
 
@@ -159,6 +215,12 @@ class Method:
         """Values of the run_fields (default: a `seed` field gets the run's seed)."""
         return {"seed": run.seed} if "seed" in cls.run_fields else {}
 
+    @classmethod
+    def report_section(cls, view: ReportView) -> str | None:
+        """Markdown of this method's own part of a report: a question about it that the generic tables do not
+        ask (a heading and what answers it), or None. Called for every registered method, present or not."""
+        return None
+
     # ---- the hooks the loop calls ---------------------------------------------------------------------
 
     def check(self) -> list[str]:
@@ -168,6 +230,12 @@ class Method:
     def build(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float,
+                       **options: Any) -> torch.optim.Optimizer | None:
+        """The method's own AdamW over the model's trainable parameters (LoRA+'s groups), with the loop's other
+        AdamW keywords (`options`: fused); None: the loop's AdamW. The schedule scales every group's lr alike."""
+        return None
+
     def attach(self, model: nn.Module) -> None:
         """Called once with the (unwrapped) PEFT model the loop trains, on its device."""
         self.model = model
@@ -176,7 +244,9 @@ class Method:
         return None
 
     def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
-        pass
+        """grad_scale: under fp16, the GradScaler's scale of this step's backward pass (what backward hooks saw
+        carries it; .grad is already unscaled), and a non-finite gradient is an overflow the scaler skips:
+        leave it out of any statistic. None without a scaler (a non-finite gradient is divergence)."""
 
     def after_optimizer_step(self, step: int) -> bool:
         return False
@@ -208,6 +278,12 @@ class Method:
     def summary(self) -> dict[str, Any]:
         """What the method adds to result.json under method_info (resolved settings, final ranks, ...)."""
         return {}
+
+    def delta_weights(self, deltas: dict[str, Any]) -> dict[str, Any]:
+        """dW per matrix as the update training made, from the adapter's own (models.delta_weights, by short module
+        name: s B A as a methods.lowrank.LowRank, or dense): a method whose adapter does not start at zero (PiSSA)
+        or whose update is not s B A (DoRA) corrects it here; the matrix table is computed from what this returns."""
+        return deltas
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         """Per-matrix values for result.json's matrix table: {column: {module name: value}}."""

@@ -1,0 +1,44 @@
+"""LoRA+ (Hayou et al. 2024), PEFT's create_loraplus_optimizer: plain LoRA trained by AdamW with B's learning rate
+lr_ratio times A's. PEFT's grouping: every lora_B and every one-dimensional trained parameter (the head's bias
+among them) at lr x ratio, the rest (A, the head's weight) at lr; weight decay as the loop's, none on biases."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fwlora.errors import UserError
+from fwlora.methods.base import with_help
+from fwlora.methods.peft_lora import PeftLoRA
+from fwlora.methods.registry import register
+
+
+@dataclass
+class LoraPlusSettings:
+    lr_ratio: float = with_help(16.0, "LoRA+: B's learning rate over A's (the paper's 2^4)")
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr_ratio) and self.lr_ratio > 0):
+            raise UserError(f"loraplus-lr-ratio = {self.lr_ratio!r}: must be a positive number")
+
+
+@register
+class LoraPlus(PeftLoRA):
+    name, label = "loraplus", "LoRA+"
+    Settings = LoraPlusSettings
+    prefix = "loraplus_"
+    search_space = {"loraplus_lr_ratio": {"type": "categorical", "choices": [4.0, 16.0, 64.0]}}
+    colour, line_style = "crimson", ("-.", "8")
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, **options: Any) -> torch.optim.Optimizer:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=self.settings.lr_ratio,
+                                         loraplus_weight_decay=weight_decay, **options)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "lr_ratio": self.settings.lr_ratio}
