@@ -341,8 +341,25 @@ def test_sketched_statistic_is_that_of_the_global_batch():
         torch.testing.assert_close(fr_two.moments[n], fr_one.moments[n], rtol=1e-6, atol=1e-14)
 
 
+def test_the_statistic_is_float64_whatever_the_device():
+    """M and the mean gradient in float64 on every device (they were float32 off the CPU): on the CPU and on a
+    device that is not the CPU (meta: no data, but dtypes and shapes as on a GPU), and after a float32 step."""
+    from fwlora.methods.gradients import stat_dtype
+
+    assert stat_dtype(torch.device("cuda")) == stat_dtype(torch.device("cpu")) == torch.float64
+    config = FWRankConfig(warmup_steps=3, sketch_size=2, target_rank=2, measure_every=1, rule="snr")
+    model = lora(tiny_bert(dtype=torch.float32), r=2)
+    fr = FisherRankAllocation(model, config)
+    model(**batch()).loss.backward()
+    fr.step()
+    assert fr.moments and all(m.dtype == torch.float64 for m in fr.moments.values())
+    assert fr._mean and all(m.dtype == torch.float64 for m in fr._mean.values())
+    off_cpu = FisherRankAllocation(lora(tiny_bert(dtype=torch.float32), r=2).to("meta"), config)
+    assert off_cpu.device.type == "meta" and all(m.dtype == torch.float64 for m in off_cpu.moments.values())
+
+
 def test_grad_scale_is_undone_and_an_overflowed_step_is_skipped():
-    config = FWRankConfig(warmup_steps=5, sketch_size=2, target_rank=2, measure_every=1)
+    config = FWRankConfig(warmup_steps=5, sketch_size=2, target_rank=2, measure_every=1, rule="snr")  # + E[G]
     plain, scaled = lora(tiny_bert(), r=2), lora(tiny_bert(), r=2)
     fr_plain, fr_scaled = FisherRankAllocation(plain, config), FisherRankAllocation(scaled, config)
     plain(**batch()).loss.backward()
@@ -351,11 +368,14 @@ def test_grad_scale_is_undone_and_an_overflowed_step_is_skipped():
     fr_scaled.step(grad_scale=torch.tensor(1024.0))
     for n in fr_plain.names:
         torch.testing.assert_close(fr_scaled.moments[n], fr_plain.moments[n], rtol=1e-6, atol=1e-20)
+        torch.testing.assert_close(fr_scaled._mean[n], fr_plain._mean[n], rtol=1e-6, atol=1e-20)
     before = {n: m.clone() for n, m in fr_scaled.moments.items()}
+    mean_before = {n: m.clone() for n, m in fr_scaled._mean.items()}
     (scaled(**batch(seed=1)).loss * float("inf")).backward()
     fr_scaled.step(grad_scale=1.0)
     assert fr_scaled.steps_done == 2
     assert all(torch.equal(fr_scaled.moments[n], before[n]) for n in before)
+    assert all(torch.equal(fr_scaled._mean[n], mean_before[n]) for n in mean_before)
 
 
 # ---- the whole method in a loop, and its state -------------------------------------------------------

@@ -209,3 +209,13 @@ def test_edge_table_times_only_within_one_session(tmp_path):
     # the median of 106/100 and 106/200)
     assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b, c}]) == [pytest.approx(0.795), pytest.approx(3.0)]
     assert edge.time_ratios("cola", "lora", "lora", timings, [{a}, {b}, {c}]) == [1.0, 1.0]
+
+
+def test_run_times_rotates_the_order_and_pairs_each_round_with_its_own_reference():
+    rt = load_script("run_times")
+    columns = ["lora", "a", "b"]
+    orders = [rt.rotated(columns, k) for k in range(3)]
+    assert orders == [["lora", "a", "b"], ["a", "b", "lora"], ["b", "lora", "a"]]
+    assert {o[0] for o in orders} == set(columns)  # no column always first
+    got = rt.ratios({"lora": [100.0, 200.0, 100.0], "a": [110.0, 200.0, 130.0]}, "lora")["a"]
+    assert got["rounds"] == [1.1, 1.0, 1.3] and got["median"] == 1.1 and (got["min"], got["max"]) == (1.0, 1.3)

@@ -13,6 +13,7 @@ from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig
 from fwlora.errors import MethodError
+from fwlora.methods.lowrank import LowRank
 from fwlora.methods.ranks import output_energy
 from fwlora.methods.gradients import WarmupConfig
 
@@ -118,7 +119,7 @@ def test_output_energy_equals_e_dw_x_squared_from_the_inputs():
     b = torch.randn(7, 3, dtype=torch.float64)
     x = torch.randn(50, 12, dtype=torch.float64)
     dw = 0.7 * b @ a
-    energy = output_energy(dw, a, (x @ a.T).T @ (x @ a.T), 50)
+    energy = output_energy(LowRank(b, a, 0.7), a, (x @ a.T).T @ (x @ a.T), 50)
     assert sum(energy) == pytest.approx(float((x @ dw.T).square().sum(1).mean()), rel=1e-10)
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     assert energy == pytest.approx([float(s[k] ** 2 * (x @ vh[k]).square().mean()) for k in range(3)], rel=1e-9)

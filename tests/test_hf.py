@@ -305,3 +305,26 @@ def test_trl_sft_trainer_takes_the_callback_and_resumes(tmp_path):
     assert a.keys() == b.keys() and any(a[n].shape[0] != 3 for n in a if "lora_A" in n)  # resized from rank 3
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_the_fw_callback_under_an_fp16_grad_scaler_trains_as_without_one(tmp_path, monkeypatch):
+    """A GradScaler of 2^10 scales the loss and every gradient exactly (a power of two), and unscales them: the
+    training must be the unscaled one to the bit. The penalty's gradient goes in after the Trainer unscaled .grad,
+    so it must not carry the scale (it did: 1024x here, 65,536x at fp16's default scale)."""
+    from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
+
+    make = fw_callback(FWLoRAConfig(warmup_steps=2, lambda_fw=50.0, estimator="exact", measure_every=1))
+    plain = own_trainer(tmp_path / "a", make)
+    plain.train()
+    scaled = own_trainer(tmp_path / "b", make)
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # as on a GPU
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+    scaled.accelerator.scaler, scaled.accelerator.native_amp = scaler, True
+    scaled.accelerator.autocast_handler = AutocastKwargs(enabled=False)  # the scaling alone, in float32
+    scaled.train()
+    assert scaler.get_scale() == 2.0**10  # it scaled every step, and none overflowed
+    state, again = (t.callback_handler.callbacks[-1].fw for t in (plain, scaled))
+    assert again.fisher == state.fisher and state.penalty().item() > 0
+    a, b = lora_weights(plain), lora_weights(scaled)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -1,5 +1,6 @@
 """Per-matrix statistics of a trained adapter, and the numbers behind docs/method.md's open questions.
-Pure functions of tensors and plain data, used by training (to record) and by the report (to read)."""
+Pure functions of tensors and plain data, used by training (to record, on the main process only) and by the
+report (to read)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from fwlora.methods.lowrank import LowRank
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -21,7 +24,11 @@ def split_matrix_name(name: str) -> tuple[int | None, str]:
     return int(m.group(1)), name[m.end():]
 
 
-def singular_values(delta: torch.Tensor) -> torch.Tensor:
+def singular_values(delta: LowRank | torch.Tensor) -> torch.Tensor:
+    """dW's singular values, float64, largest first: from its factors where it has them (lowrank.py: the nonzero
+    ones, at most the adapter's rank of them, without forming dW), else from the dense matrix."""
+    if isinstance(delta, LowRank):
+        return delta.singular_values()
     return torch.linalg.svdvals(delta.double())
 
 
@@ -44,14 +51,15 @@ def numerical_rank(sv: torch.Tensor, shape: tuple[int, int]) -> int:
 
 
 def matrix_table(
-    deltas: dict[str, torch.Tensor],
+    deltas: dict[str, LowRank | torch.Tensor],
     keep_singular_values: int = 16,
     **columns: dict[str, float] | None,
 ) -> list[dict]:
-    """One row per adapted matrix: ||dW||_F, effective and numerical rank, top singular values, and the
-    method's own per-matrix columns (FW-LoRA's fisher and importance, AdaLoRA's adalora_rank, fwrank's
-    fwrank_rank, ...): {column: {matrix name: value}}. A matrix a column has no value for gets None; a
-    name in a column but not in deltas (fwrank dropped its adapter) gets a row of its own with rank 0."""
+    """One row per adapted matrix (dW dense or as its factors, models.delta_weights): ||dW||_F, effective and
+    numerical rank, top singular values, and the method's own per-matrix columns (FW-LoRA's fisher and
+    importance, AdaLoRA's adalora_rank, fwrank's fwrank_rank, ...): {column: {matrix name: value}}. A matrix a
+    column has no value for gets None; a name in a column but not in deltas (fwrank dropped its adapter) gets a
+    row of its own with rank 0."""
     rows = []
     for name, delta in deltas.items():
         sv = singular_values(delta)

@@ -6,6 +6,11 @@ that a method's time is compared with LoRA's measured minutes apart on the same 
 Layout: <output-dir>/<task>/<budget>/<method>/seed<k>/ (a `fwlora train` run directory each), plus
 <output-dir>/bench.json describing the grid and the command.
 
+Workers: several benches may share one output directory (Slurm array tasks, processes packed on one GPU).
+Each is dealt whole groups (a seed's task and budget, all its methods) round-robin in plan order, claims a
+group's runs before the first starts (fwlora.claims), and afterwards takes what others left (Schedule).
+Under torchrun the main process decides and claims; every process trains what it decided.
+
 Variants: a preset may name settings of a method as a column of their own, e.g.
 
     variants:
@@ -18,22 +23,26 @@ A variant's runs carry its name as their `label` (the report's column) and live 
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
 import time
 import traceback
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator, Iterator
 
 import yaml
 
 from fwlora import methods, tasks
 from fwlora.budget import colliding_budgets
+from fwlora.claims import STALE_AFTER, Claims, Holder, Worker
 from fwlora.config import TrainConfig, data_name
 from fwlora.errors import TrainingInterrupted, UserError
+from fwlora.files import broadcast_from_main, is_main_process
 from fwlora.plan import backbone_facts
-from fwlora.records import RunRecord, Status, read_config, read_result, run_status, write_result
+from fwlora.records import RESULT_FILE, RunRecord, Status, read_config, read_result, run_status, write_result
 from fwlora.rundir import config_difference
 from fwlora.train import train
 
@@ -204,43 +213,177 @@ def check_existing(cells: list[Cell]) -> None:
                                 f"({', '.join(k for k, _, _ in diff)}); use a new --output-dir for a changed grid")
 
 
-def run_bench(cells: list[Cell], output_dir: Path, retry_failed: bool = True, stop_on_error: bool = False) -> dict[str, str]:
-    """Run every cell not yet complete; return {cell key: final status}."""
-    statuses: dict[str, str] = {}
-    todo = [c for c in cells if run_status(Path(c.config.output_dir)) != Status.COMPLETE]
-    done = len(cells) - len(todo)
-    log.info("bench: %d runs in the grid, %d already complete, %d to run", len(cells), done, len(todo))
-    for c in cells:
-        if c not in todo:
-            statuses[c.key] = "complete"
-    for i, cell in enumerate(todo, start=1):
-        run_dir = Path(cell.config.output_dir)
-        status = run_status(run_dir)
-        if status == Status.FAILED and not retry_failed:
-            statuses[cell.key] = "failed"
-            continue
-        log.info("[%d/%d] %s", i, len(todo), cell.key)
-        start = time.perf_counter()
-        try:
-            train(cell.config, resume=status in (Status.RUNNING, Status.INTERRUPTED),
-                  overwrite=status in (Status.FAILED, Status.UNREADABLE))
-            statuses[cell.key] = "complete"
-        except TrainingInterrupted:
-            raise
-        except Exception as e:  # one bad run must not cost the others
-            statuses[cell.key] = "failed"
-            try:
-                recorded = read_result(run_dir)
-            except (OSError, ValueError):
-                recorded = None
-            if recorded is None or recorded.status != Status.FAILED:  # keep what train() recorded (step, epochs)
-                recorded = RunRecord(status=Status.FAILED, task=cell.task, method=cell.config.method, seed=cell.seed,
-                                     config=cell.config.to_dict())
-            recorded.error, recorded.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
-            write_result(run_dir, recorded)
-            log.error("%s failed after %.0f s: %s (recorded; the bench goes on)", cell.key, time.perf_counter() - start, e)
-            if stop_on_error:
-                raise
+class Outcome(str, enum.Enum):
+    """What run_bench says of each run: finished (here or by another worker), or left to another worker."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"
+    HELD = "held"  # claimed by a live worker when this one last looked
+    OTHER = "another worker's"  # another worker's share, not taken (--no-steal)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to train, as the main process decided it (under torchrun every process receives it)."""
+
+    key: str  # "" while the main process waits for a silent claim to go stale (the others wait with it)
+    resume: bool = False
+    overwrite: bool = False
+
+
+def groups(cells: list[Cell]) -> list[list[Cell]]:
+    """The grid's groups in plan order: the methods of one seed, task and budget, which one worker runs back
+    to back so that their times are compared on one machine state. Workers are dealt whole groups."""
+    out: list[list[Cell]] = []
+    for cell in cells:
+        first = out[-1][0] if out else None
+        if first and (first.seed, first.task, first.budget_label) == (cell.seed, cell.task, cell.budget_label):
+            out[-1].append(cell)
+        else:
+            out.append([cell])
+    return out
+
+
+def _stamp(cell: Cell) -> tuple[int, int] | None:
+    try:
+        st = (Path(cell.config.output_dir) / RESULT_FILE).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class Schedule:
+    """Which runs this worker trains, in which order: its own groups (Worker.owns), then, with `steal`, the
+    groups no live worker holds, then again those that were held: taken if released or stale meanwhile,
+    waited for while a holder is silent (no heartbeat for two beats: killed, perhaps on another host, its
+    claim not yet stale), left to a live holder otherwise. A group is claimed whole before its first run
+    starts (claims.Claims); a run claimed elsewhere is never trained nor recorded here."""
+
+    def __init__(self, cells: list[Cell], claims: Claims, retry_failed: bool = True, steal: bool = True):
+        self.claims, self.retry_failed = claims, retry_failed
+        dealt = groups(cells)
+        self.own = [g for i, g in enumerate(dealt) if claims.worker.owns(i)]
+        self.others = [g for i, g in enumerate(dealt) if not claims.worker.owns(i)] if steal else []
+        self.statuses = {c.key: Outcome.OTHER for g in dealt for c in g}
+        self.holders: dict[str, Holder] = {}  # run -> who held it when this worker last looked
+        self.before = {c.key: _stamp(c) for c in cells}  # a failure recorded after this is not ours to retry
+
+    def decide(self, cell: Cell) -> Job | None:
+        """The job for `cell`, or None when it is finished (its status recorded)."""
+        status = run_status(Path(cell.config.output_dir))
+        if status == Status.COMPLETE:
+            self.statuses[cell.key] = Outcome.COMPLETE
+            return None
+        if status == Status.FAILED and (not self.retry_failed or _stamp(cell) != self.before[cell.key]):
+            self.statuses[cell.key] = Outcome.FAILED  # left alone, or failed in this round under another worker
+            return None
+        return Job(cell.key, resume=status in (Status.RUNNING, Status.INTERRUPTED),
+                   overwrite=status in (Status.FAILED, Status.UNREADABLE))
+
+    def todo(self) -> int:
+        """Runs of this worker's own share not complete when it starts (for the log)."""
+        return sum(run_status(Path(c.config.output_dir)) != Status.COMPLETE for g in self.own for c in g)
+
+    def jobs(self) -> Iterator[Job]:
+        held = yield from self._pass(self.own + self.others)
+        held = yield from self._pass(held)  # back to them: finished, released or stale meanwhile?
+        while any(self._silent(c.key) for g in held for c in g):
+            time.sleep(self.claims.heartbeat_every)
+            yield Job("")  # under torchrun: the other processes wait at the broadcast, a beat at a time
+            held = yield from self._pass(held)
+
+    def _pass(self, todo: list[list[Cell]]) -> Generator[Job, None, list[list[Cell]]]:
+        """Run the groups no live worker holds; return those still held."""
+        held = []
+        for group in todo:
+            if not (yield from self._group(group)):
+                held.append(group)
+        return held
+
+    def _silent(self, key: str) -> bool:
+        holder = self.holders.get(key)
+        return holder is not None and time.time() - holder.heartbeat > 2 * self.claims.heartbeat_every
+
+    def _group(self, group: list[Cell]) -> Generator[Job, None, bool]:
+        """Claim the group's unfinished runs, then yield them one by one; False when a live worker holds one."""
+        needed = [c for c in group if self.decide(c) is not None]
+        taken: list[Cell] = []
+        for cell in needed:
+            holder = self.claims.acquire(Path(cell.config.output_dir))
+            if holder is not None:
+                for c in taken:
+                    self.claims.release(Path(c.config.output_dir))
+                for c in needed:
+                    self.statuses[c.key], self.holders[c.key] = Outcome.HELD, holder
+                return False
+            taken.append(cell)
+        for cell in taken:
+            run_dir = Path(cell.config.output_dir)
+            job = self.decide(cell)  # again, now that it is ours: another worker may have finished it
+            if job is not None:
+                self.statuses[cell.key] = Outcome.FAILED  # until the run says otherwise
+                self.holders.pop(cell.key, None)
+                yield job
+            self.claims.release(run_dir)
+        return True
+
+
+def run_bench(cells: list[Cell], output_dir: Path, retry_failed: bool = True, stop_on_error: bool = False,
+              worker: Worker = Worker(), steal: bool = True, stale_after: float = STALE_AFTER) -> dict[str, Outcome]:
+    """Run this worker's share of the cells not yet complete (and, with `steal`, what other workers leave);
+    return {cell key: its Outcome}.
+
+    Under torchrun the main process claims and decides each run, every process trains it."""
+    by_key = {c.key: c for c in cells}
+    main = is_main_process()
+    with Claims(worker, stale_after) if main else contextlib.nullcontext() as claims:
+        schedule = Schedule(cells, claims, retry_failed, steal) if main else None
+        jobs = schedule.jobs() if schedule else iter(())
+        todo = schedule.todo() if schedule else 0
+        if schedule:
+            then = ", then what others leave" if steal else ""
+            share = f" (worker {worker}'s share{then})" if worker.count > 1 else ""
+            log.info("bench: %d runs in the grid, %d to run%s", len(cells), todo, share)
+        done = 0
+        while (job := broadcast_from_main(next(jobs, None))) is not None:
+            if not job.key:
+                continue
+            done += 1
+            log.info("[%d/%d] %s", done, max(done, todo), job.key)
+            ok = _train_cell(by_key[job.key], job, stop_on_error)
+            if schedule:
+                schedule.statuses[job.key] = Outcome.COMPLETE if ok else Outcome.FAILED
+        statuses = broadcast_from_main(schedule.statuses if schedule else None)
+    held = {k: h for k, h in schedule.holders.items() if statuses[k] == Outcome.HELD} if schedule else {}
+    if held:
+        log.warning("bench: %d run(s) held by other workers: %s", len(held),
+                    ", ".join(f"{k} ({h.describe()})" for k, h in held.items()))
     return statuses
 
 
+def _train_cell(cell: Cell, job: Job, stop_on_error: bool) -> bool:
+    """Train one run; a failure is recorded in its result.json and the bench goes on (False)."""
+    run_dir = Path(cell.config.output_dir)
+    start = time.perf_counter()
+    try:
+        train(cell.config, resume=job.resume, overwrite=job.overwrite)
+        return True
+    except TrainingInterrupted:
+        raise
+    except Exception as e:  # one bad run must not cost the others
+        try:
+            recorded = read_result(run_dir)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None or recorded.status != Status.FAILED:  # keep what train() recorded (step, epochs)
+            recorded = RunRecord(status=Status.FAILED, task=cell.task, method=cell.config.method, seed=cell.seed,
+                                 config=cell.config.to_dict())
+        recorded.error, recorded.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
+        write_result(run_dir, recorded)
+        log.error("%s failed after %.0f s: %s (recorded; the bench goes on)", cell.key, time.perf_counter() - start, e)
+        if stop_on_error:
+            raise
+        return False

@@ -82,6 +82,8 @@ class TrainConfig:
     # engineering
     mixed_precision: str = _f("no", "no, bf16 (CPU or GPU) or fp16 (GPU, with a gradient scaler)")
     dtype: str = _f("float32", "the backbone's weights: float32, bfloat16 or float16 (the adapters train in float32)")
+    tf32: str = _f("on", "float32 matmuls on CUDA's TF32 tensor cores: on (several times faster on A100/H100, "
+                   "10-bit mantissa products) or off (full float32); no effect on the CPU")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30 %% slower)")
     load_in_4bit: bool = _f(False, "QLoRA: the backbone quantised to 4 bits (NF4) by bitsandbytes, where it runs")
     report_to: str = _f("tensorboard", "experiment tracking through Accelerate: tensorboard (event files in the run "
@@ -138,6 +140,8 @@ class TrainConfig:
             raise bad("lora_alpha", "must be a positive number")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise bad("mixed_precision", "use no, bf16 or fp16")
+        if self.tf32 not in ("on", "off"):
+            raise bad("tf32", "use on or off")
         if self.dtype not in self.DTYPES:
             raise bad("dtype", "use " + ", ".join(self.DTYPES))
         if self.report_to not in self.TRACKERS:

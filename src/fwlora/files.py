@@ -1,4 +1,5 @@
-"""Atomic writes and safe reads of run files: a reader never sees a half-written file."""
+"""Atomic writes and safe reads of run files: a reader never sees a half-written file. Under torchrun
+(several processes for one run) only the main process writes them: `is_main_process`, `broadcast_from_main`."""
 
 from __future__ import annotations
 
@@ -66,3 +67,35 @@ def package_file(distribution: str, suffix: str) -> Path | None:
             path = Path(str(dist.locate_file(f)))
             return path if path.is_file() else None
     return None
+
+
+# ---- several processes, one run (torchrun / accelerate launch) ----------------------------------------
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state():
+    """Accelerate's process group, made as the Trainer makes it (gloo when no GPU: Accelerate only sets up
+    CPU data parallelism when told the run is on the CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=_launched() and not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in the main process of a launched group (the one that writes run files)."""
+    return not _launched() or process_state().is_main_process
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """The main process's `obj` in every process (a decision taken once, e.g. which run to train next, or
+    what a directory held before the main process changed it); also a barrier. Picklable objects only."""
+    if not _launched():
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    process_state()
+    return broadcast_object_list([obj])[0]

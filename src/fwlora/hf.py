@@ -30,8 +30,26 @@ from fwlora.methods.fwrank import RANK_STATE_FILE, FisherRankAllocation, FWRankC
 
 
 def _grad_scale(trainer: Trainer | None) -> Any:
+    """The GradScaler's scale of this step's backward pass (fp16), None without one."""
     scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
     return scaler.get_scale() if scaler is not None else None
+
+
+def _unscale_gradients(trainer: Trainer | None, optimizer: Any) -> None:
+    """Make .grad unscaled (fp16) if the Trainer has not yet: transformers 5 unscales before every
+    on_pre_optimizer_step (its clip_grad_norm_ also measures the norm with clipping off), 4.x only when it
+    clips. torch's GradScaler records per optimizer whether it has unscaled; its step then does not again."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    optimizer = optimizer if optimizer is not None else getattr(trainer, "optimizer", None)
+    if scaler is None or optimizer is None:
+        return
+    from torch.amp.grad_scaler import OptState
+
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # Accelerate's AcceleratedOptimizer around the torch one
+        inner = inner.optimizer
+    if scaler._per_optimizer_states[id(inner)]["stage"] is OptState.READY:
+        trainer.accelerator.unscale_gradients()
 
 
 def _restore_on_adapter_load(model: Any, restore: Any) -> None:
@@ -84,9 +102,11 @@ class FWLoRACallback(TrainerCallback):
         self.fw.start(state.max_steps)  # a fraction of the run becomes steps; an unreachable K is refused here
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scale = _grad_scale(self.trainer)
         if self.add_penalty and not self.fw.in_warmup:
-            self.log.add({"fw_penalty": float(self.fw.add_penalty_gradients(_grad_scale(self.trainer)))})
-        self.fw.step(grad_scale=_grad_scale(self.trainer))
+            _unscale_gradients(self.trainer, optimizer)  # the penalty's gradient goes in unscaled
+            self.log.add({"fw_penalty": float(self.fw.add_penalty_gradients())})
+        self.fw.step(grad_scale=scale)  # its statistic is of what the backward hooks saw: still scaled
         if self.fw.steps_done == self.fw.config.warmup_steps:
             self.log.add({f"fw_importance/{n.removeprefix('base_model.model.')}": v
                           for n, v in self.fw.importance.items()})
@@ -153,6 +173,7 @@ class FWRankCallback(TrainerCallback):
 
     def __init__(self, allocation: FisherRankAllocation, trainer: Trainer | None = None):
         self.allocation, self.trainer = allocation, trainer
+        self._scale = None  # fp16: the loss scale of the step's backward pass
         self.log = _Logger(trainer)
         _restore_on_adapter_load(allocation.model, self._restore)
 
@@ -168,8 +189,11 @@ class FWRankCallback(TrainerCallback):
                               "the resize replaces some (use fwlora train under torchrun for data parallelism)")
         self.allocation.start(state.max_steps)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._scale = _grad_scale(self.trainer)  # the backward pass's: the scaler's step may change it
+
     def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
-        if self.allocation.step(grad_scale=_grad_scale(self.trainer)):
+        if self.allocation.step(grad_scale=self._scale):
             refresh_optimizer(optimizer, self.allocation.model)
             self.log.add({f"fwrank_rank/{n.removeprefix('base_model.model.')}": float(r)
                           for n, r in self.allocation.ranks.items()})

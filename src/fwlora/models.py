@@ -381,13 +381,18 @@ def adapted_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and not _is_head(n)}
 
 
-def delta_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """dW_m of every adapted matrix (LoRA: s B A; AdaLoRA: B (A * E) alpha / r), float32, on the CPU."""
+def delta_weights(peft_model: nn.Module) -> dict[str, Any]:
+    """dW_m of every adapted matrix on the CPU: its two factors (a methods.lowrank.LowRank: LoRA's s B A,
+    AdaLoRA's B (A * E) alpha / r), or PEFT's dense get_delta_weight (float32) where it is no such product."""
+    from fwlora.methods.lowrank import peft_delta
+
     out = {}
     with torch.no_grad():
         for name, layer in adapted_layers(peft_model).items():
             adapter = layer.active_adapters[0]
-            out[short_name(name)] = layer.get_delta_weight(adapter).detach().float().cpu()
+            factors = peft_delta(layer, adapter)
+            out[short_name(name)] = (factors.cpu() if factors is not None
+                                     else layer.get_delta_weight(adapter).detach().float().cpu())
     return out
 
 

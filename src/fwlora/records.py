@@ -5,7 +5,9 @@ A run directory holds
     result.json   the RunRecord, written when the run ends (complete, failed, interrupted or pruned)
     checkpoint/   the state to resume from (deleted once the run is complete)
     adapter/      the trained PEFT adapter (+ the method's own state)
+    claim.json    while a bench worker holds the run (fwlora.claims; removed when the run ends)
 A bench directory adds bench.json (the grid and its command).
+Under torchrun only the main process writes these files (the write_* helpers do nothing elsewhere).
 
 result.json carries `schema_version`. Version 1 (release 1) had no version field and kept a method's
 resolved settings under the method's own name (only AdaLoRA had any); `RunRecord.from_dict` reads both.
@@ -21,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwlora.files import read_json, write_json
+from fwlora.files import is_main_process, read_json, write_json
 
 SCHEMA_VERSION = 2
 CONFIG_FILE, RESULT_FILE, BENCH_FILE = "config.json", "result.json", "bench.json"
-CHECKPOINT_DIR, ADAPTER_DIR = "checkpoint", "adapter"
+CHECKPOINT_DIR, ADAPTER_DIR, CLAIM_FILE = "checkpoint", "adapter", "claim.json"
 
 
 class Status(str, enum.Enum):
@@ -110,6 +112,10 @@ class RunRecord:
         value = entry.get(self.metric) if self.metric else None
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    def matrices_by_name(self) -> dict[str, dict[str, Any]]:
+        """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""
+        return {m["name"]: m for m in self.matrices or [] if m.get("name")}
+
     def check_complete(self) -> None:
         """Raise (KeyError/TypeError/ValueError) when a 'complete' record lacks what a report needs."""
         if self.metric is None:
@@ -123,6 +129,8 @@ class RunRecord:
 
 
 def write_config(run_dir: Path, config: dict[str, Any], env: dict[str, Any]) -> Path:
+    if not is_main_process():
+        return Path(run_dir) / CONFIG_FILE
     return write_json(Path(run_dir) / CONFIG_FILE, {"config": config, "env": env, "schema_version": SCHEMA_VERSION})
 
 
@@ -139,6 +147,8 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_result(run_dir: Path, record: RunRecord) -> Path:
+    if not is_main_process():
+        return Path(run_dir) / RESULT_FILE
     return write_json(Path(run_dir) / RESULT_FILE, record.to_dict())
 
 
@@ -199,6 +209,8 @@ def copy_records(source: Path, destination: Path) -> int:
 
 
 def write_bench(output_dir: Path, info: dict[str, Any]) -> Path:
+    if not is_main_process():
+        return Path(output_dir) / BENCH_FILE
     return write_json(Path(output_dir) / BENCH_FILE, {**info, "schema_version": SCHEMA_VERSION})
 
 

@@ -17,15 +17,18 @@ from typing import Any
 import torch
 
 from fwlora.config import TrainConfig
+from fwlora.device import tf32_enabled
 from fwlora.errors import UserError
-from fwlora.records import CHECKPOINT_DIR, Status, read_config, run_status
+from fwlora.files import broadcast_from_main, is_main_process
+from fwlora.records import CHECKPOINT_DIR, CLAIM_FILE, Status, read_config, run_status
 
 log = logging.getLogger(__name__)
 PROGRAM = __name__.split(".")[0]
 
 
-def environment() -> dict[str, Any]:
-    """Versions, git commit and machine: enough to tell where a number came from."""
+def environment(device: torch.device | None = None, cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Versions, git commit and machine, and for a run its device, precision and TF32 setting: enough to tell
+    where a number came from."""
     import importlib.metadata as md
 
     def version(pkg: str) -> str | None:
@@ -43,6 +46,8 @@ def environment() -> dict[str, Any]:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
+    cuda = torch.cuda.is_available()
+    on_cuda = device is not None and device.type == "cuda"
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -50,7 +55,13 @@ def environment() -> dict[str, Any]:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name(device if on_cuda else None) if cuda else None,
+        "cuda_version": torch.version.cuda,  # the CUDA torch was built with (None: a CPU build)
+        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+        "device": str(device) if device is not None else None,
+        "dtype": cfg.dtype if cfg is not None else None,
+        "mixed_precision": cfg.mixed_precision if cfg is not None else None,
+        "tf32": tf32_enabled(device) if device is not None else None,  # what float32 matmuls ran with
         "command": " ".join(sys.argv),
     }
 
@@ -60,17 +71,33 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
 
     A directory holding another configuration is refused unless --overwrite; an unfinished run of the
     same configuration needs --resume (or --overwrite) so that finished work is never lost by accident.
+    Under torchrun the main process alone looks and changes the directory; the others get its answer
+    (or its error), so that no two processes clear or rename it at once.
     """
-    run_dir = Path(cfg.output_dir)
+    answer: bool | Exception | None = None
+    if is_main_process():
+        try:
+            answer = _prepare(Path(cfg.output_dir), cfg, resume, overwrite)
+        except (UserError, OSError, ValueError) as e:  # raised in every process, not only the main one
+            answer = e
+    answer = broadcast_from_main(answer)
+    if isinstance(answer, Exception):
+        raise answer
+    return bool(answer)
+
+
+def _prepare(run_dir: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a directory: choose another --output-dir")
     old = read_config(run_dir)
     if old is None:
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        if _contents(run_dir) and not overwrite:
             raise UserError(f"{run_dir} is not empty and holds no fwlora run: choose another --output-dir or pass --overwrite")
-        if overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)
+        if overwrite:
+            _clear(run_dir)
         return False
     if overwrite:
-        shutil.rmtree(run_dir)
+        _clear(run_dir)
         return False
     diff = config_difference(old, cfg)
     if diff:
@@ -89,6 +116,22 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> bool:
     if not checkpoint.is_dir():
         log.warning("%s has no checkpoint (stopped before its first one): starting the run from the beginning", run_dir)
     return checkpoint.is_dir()
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What the directory holds, but the bench worker's claim on it (fwlora.claims) and its heartbeat's
+    temporary file, which stay."""
+    if not run_dir.is_dir():
+        return []
+    return [p for p in run_dir.iterdir() if p.name != CLAIM_FILE and not p.name.startswith(f".{CLAIM_FILE}.")]
+
+
+def _clear(run_dir: Path) -> None:
+    for p in _contents(run_dir):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def config_difference(old: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:

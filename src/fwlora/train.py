@@ -15,18 +15,21 @@ import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from fwlora import analysis, models
+from fwlora.checkpoint import PREVIOUS_DIR
 from fwlora.config import TrainConfig
-from fwlora.errors import NonFiniteError, NonFiniteFisherError, TrainingInterrupted
+from fwlora.device import device_sync
+from fwlora.errors import NonFiniteError, NonFiniteFisherError, TrainingInterrupted, UserError
+from fwlora.methods.base import DataPass, Method
 from fwlora.plan import build_method, plan_run, resolve_head
 from fwlora.records import ADAPTER_DIR, CHECKPOINT_DIR, RunRecord, Status, write_config, write_result
 from fwlora.rundir import environment, prepare_run_dir
 from fwlora.tasks import subset, task_for
-from fwlora.trainer import Setup, StopSignals, Trainer
+from fwlora.trainer import EpochSampler, Setup, StopSignals, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +109,76 @@ def setup(cfg: TrainConfig) -> Setup:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
-    model = method.build(model)
+    init_seconds = None
+    if method.uses_data_pass or method.timed_init:
+        model, init_seconds = timed_build(cfg, method, model, task, tokenizer, data.train)
+    else:
+        model = method.build(model)
     models.check_head_not_adapted(model)
     return Setup(cfg=cfg, task=task, model=model, tokenizer=tokenizer, train_data=data.train, eval_data=data.eval,
                  budget=plan.budget, head=head, targets=targets, steps_per_epoch=plan.steps_per_epoch,
                  total_steps=plan.total_steps, data_source=data.source, method=method, majority=data.majority,
-                 notes=notes, data_fingerprint=data.fingerprint, label_names=data.label_names)
+                 notes=notes, data_fingerprint=data.fingerprint, label_names=data.label_names,
+                 init_seconds=init_seconds)
+
+
+def training_device() -> torch.device:
+    """The device this process will train on (Accelerate's: its own GPU under torchrun), the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def data_pass(cfg: TrainConfig, task: Any, tokenizer: Any, train_data: list[dict], device: torch.device) -> DataPass:
+    """The run's training batches as the loop draws them (its micro-batch, its seeded order, epoch after epoch),
+    on `device`, and the task's loss. Every process reads the same batches: an initialisation is the same on
+    every rank."""
+    from accelerate.utils import send_to_device
+
+    collate, size = task.collator(tokenizer), cfg.batch_size // cfg.grad_accum
+
+    def batches(n: int) -> Iterator[dict[str, torch.Tensor]]:
+        done, epoch = 0, 0
+        while train_data and done < n:
+            sampler = EpochSampler(len(train_data), cfg.seed)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            for i in range(0, len(order), size):
+                if done >= n:
+                    return
+                yield dict(send_to_device(collate([train_data[j] for j in order[i:i + size]]), device))
+                done += 1
+            epoch += 1
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    return DataPass(batches, loss)
+
+
+def timed_build(cfg: TrainConfig, method: Method, model: torch.nn.Module, task: Any, tokenizer: Any,
+                train_data: list[dict]) -> tuple[torch.nn.Module, float]:
+    """The method's build where it does work of its own (a data pass, an SVD of every weight): on the training
+    device, its seconds part of the run's training time (timing.init_seconds)."""
+    device = training_device()
+    if not cfg.load_in_4bit:  # a 4-bit backbone is placed where it loads
+        model = model.to(device)
+    if method.uses_data_pass:
+        method.data = data_pass(cfg, task, tokenizer, train_data, next(model.parameters()).device)
+    device_sync(device)
+    start = time.perf_counter()
+    model = method.build(model)
+    device_sync(device)
+    return model, time.perf_counter() - start
 
 
 # ---- the result --------------------------------------------------------------------------------------------
 
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"kind": "cuda_max_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
-    import resource
-
-    return {"kind": "process_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
 def timing_summary(t: Trainer) -> dict[str, Any]:
+    """Times from synchronised clocks (the device's events per step), after an untimed warm-up step; the peak
+    memory since the run started (device.PeakMemory says how, and `since` from when)."""
     steps = t.step_seconds
     out = {
         "train_seconds": t.train_seconds,
@@ -132,8 +186,11 @@ def timing_summary(t: Trainer) -> dict[str, Any]:
         "optimizer_steps": t.global_step,
         "examples_per_second": len(t.s.train_data) * t.cfg.epochs / t.train_seconds if t.train_seconds else None,
         "step_seconds_median": statistics.median(steps) if steps else None,
-        "peak_memory": peak_memory(t.accelerator.device),
+        "peak_memory": t.memory.read(),
     }
+    if t.s.init_seconds is not None:  # the method's timed build: part of its training time
+        out["init_seconds"] = t.s.init_seconds
+        out["train_seconds"] = t.train_seconds + t.s.init_seconds
     k = t.method.warmup_steps()
     if k is not None and steps:
         k = min(k, len(steps))
@@ -161,7 +218,8 @@ def summarise(t: Trainer, env: dict, load_seconds: float) -> RunRecord:
     metric = s.task.metric
     pick = max if s.task.higher_is_better else min
     best = pick(t.history, key=lambda h: h[metric])
-    deltas = models.delta_weights(t.unwrapped)
+    # the update training made, per matrix: the main process alone writes the record, so it alone takes the SVDs
+    deltas = t.method.delta_weights(models.delta_weights(t.unwrapped)) if t.is_main else {}
     trainable = sum(p.numel() for p in t.params)
     return RunRecord(
         status=Status.COMPLETE, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
@@ -172,7 +230,7 @@ def summarise(t: Trainer, env: dict, load_seconds: float) -> RunRecord:
                 "targets": s.targets},
         method_info=t.method.summary(),
         timing={**timing_summary(t), "load_seconds": load_seconds},
-        matrices=analysis.matrix_table(deltas, **t.method.matrix_columns()),
+        matrices=analysis.matrix_table(deltas, **t.method.matrix_columns()) if t.is_main else [],
         data={"source": s.data_source, "train_examples": len(s.train_data), "eval_examples": len(s.eval_data),
               "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "majority": s.majority,
               "fingerprint": s.data_fingerprint, "label_names": s.label_names, "model_kind": s.task.model_kind,
@@ -196,11 +254,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     run_dir = Path(cfg.output_dir)
     resuming = prepare_run_dir(cfg, resume, overwrite)
     start = time.perf_counter()
+    for existing in (p for p in (run_dir, *run_dir.parents) if p.exists()):  # checked now, made after setup:
+        if not existing.is_dir():  # a bad input is refused before the run directory exists
+            raise UserError(f"--output-dir {run_dir}: {existing} is a file; choose another --output-dir")
+        break
     s = setup(cfg)
-    env = environment()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, cfg.to_dict(), env)
     t = Trainer(s, run_dir)
+    env = {**environment(t.accelerator.device, cfg), "fused_adamw": t.fused_adamw, "pin_memory": t.cuda}
+    write_config(run_dir, cfg.to_dict(), env)
     if resuming:
         t.load_checkpoint()
     load_seconds = time.perf_counter() - start
@@ -241,7 +303,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         s.tokenizer.save_pretrained(str(run_dir / ADAPTER_DIR))  # what `fwlora predict` tokenises with
         t.method.save_adapter_extras(run_dir / ADAPTER_DIR)
         write_result(run_dir, record)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for name in (CHECKPOINT_DIR, PREVIOUS_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     t.accelerator.wait_for_everyone()
     t.method.close()
     return record

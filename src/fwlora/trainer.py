@@ -3,14 +3,18 @@
 `Trainer.fit` runs epochs (Accelerate: devices, data parallel, mixed precision, accumulation, trackers) and
 evaluates after each. The loop never asks which method it runs: it calls the method's hooks
 (methods/base.py). Per optimizer step, after the backward pass of its last micro-batch:
-    clip -> method.before_optimizer_step -> optimizer.step() -> method.after_optimizer_step
+    clip (gradients unscaled) -> method.before_optimizer_step -> optimizer.step() -> method.after_optimizer_step
          -> (parameters changed: method.refresh_optimizer) -> scheduler.step() -> zero_grad
 Every --log-every steps the trackers get the loss, the method's extra loss term, the learning rate, the
 gradient norm and the step time; at each evaluation its metrics; whatever the method logs (log_values).
+
+Time: an untimed, undone warm-up step first; step times from device events read at logging points (no host
+sync per step). fp16: a step the GradScaler skips is normal, not divergence; a collapsing loss scale is.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -24,6 +28,7 @@ import torch
 from fwlora.budget import Budget
 from fwlora.checkpoint import load_checkpoint, save_checkpoint
 from fwlora.config import TrainConfig
+from fwlora.device import PeakMemory, StepClock, device_sync, set_tf32, warm_up_step
 from fwlora.errors import NonFiniteError, TrainingInterrupted, UserError
 from fwlora.methods.base import Method
 from fwlora.records import CHECKPOINT_DIR
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # checkpoint every this many seconds of training when --checkpoint-every is not given
 DEFAULT_CHECKPOINT_SECONDS = 600.0
+MIN_LOSS_SCALE = 1.0  # fp16: a scale below it (from 2**16, halved per skipped step) means overflow even unscaled
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     data_fingerprint: str | None = None
     label_names: list[str] | None = None
+    init_seconds: float | None = None  # the method's timed build (its data pass, its SVDs): training time
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -130,10 +137,16 @@ class Trainer:
             cpu=multi_cpu,
             gradient_accumulation_steps=self.cfg.grad_accum,
             mixed_precision=self.cfg.mixed_precision,
-            dataloader_config=DataLoaderConfiguration(split_batches=True),  # batch_size is the global batch
+            # batch_size is the global batch; on CUDA batches are copied from pinned memory without waiting
+            dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
             log_with=trackers or None,
             project_dir=str(run_dir),
         )
+        device = self.accelerator.device
+        self.cuda = device.type == "cuda"
+        gc.collect()  # the previous run of a bench: its tensors are freed before this run's peak starts
+        self.memory = PeakMemory.start(device)
+        set_tf32(device, self.cfg.tf32 == "on")
         world = self.accelerator.num_processes
         if self.cfg.batch_size % (self.cfg.grad_accum * world):
             raise UserError(f"batch-size {self.cfg.batch_size} must be divisible by grad-accum x processes = "
@@ -145,17 +158,22 @@ class Trainer:
         # uninterrupted run's. The sampler does not use it; this keeps the global RNG for dropout alone.
         train_loader = torch.utils.data.DataLoader(s.train_data, batch_size=self.cfg.batch_size // self.cfg.grad_accum,
                                                    sampler=self.sampler, collate_fn=collator,
-                                                   generator=torch.Generator().manual_seed(self.cfg.seed))
+                                                   generator=torch.Generator().manual_seed(self.cfg.seed),
+                                                   pin_memory=self.cuda)
         eval_loader = torch.utils.data.DataLoader(s.eval_data, batch_size=self.cfg.eval_batch_size,
                                                   sampler=length_order(s.eval_data),
-                                                  collate_fn=s.task.eval_collator(s.tokenizer))
+                                                  collate_fn=s.task.eval_collator(s.tokenizer), pin_memory=self.cuda)
         params = [p for p in s.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel for all parameters on CUDA (the adapters are many small tensors)
+        self.fused_adamw = self.cuda
+        adamw = {"lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay, "fused": True if self.fused_adamw else None}
+        optimizer = self.method.make_optimizer(s.model, **adamw) or torch.optim.AdamW(params, **adamw)  # or the method's
         scheduler = get_linear_schedule_with_warmup(optimizer, round(self.cfg.warmup_ratio * s.total_steps), s.total_steps)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = self.accelerator.prepare(
             s.model, optimizer, train_loader, eval_loader, scheduler)
         self.params = params
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self._warm_up(collator)  # before the method's hooks are attached: they must not see it
         self.method.attach(self.unwrapped)
         self.tracking = bool(trackers) and start_trackers(self.accelerator, self.cfg, run_dir)
         # progress, restored from a checkpoint on resume
@@ -172,9 +190,12 @@ class Trainer:
         self.has_extra_loss = False
         self.loss_count = 0
         self._window = {"loss": torch.zeros((), device=self.accelerator.device),
-                        "extra": torch.zeros((), device=self.accelerator.device), "count": 0, "seconds": 0.0}
+                        "extra": torch.zeros((), device=self.accelerator.device), "count": 0, "seconds": 0.0,
+                        "steps": 0}
         self._grad_norm: torch.Tensor | None = None
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)
+        self._skipped_in_a_row = 0  # fp16: optimizer steps the GradScaler skipped, in a row
+        self.clock = StepClock(device)
         self._last_checkpoint = time.perf_counter()
 
     @property
@@ -183,6 +204,16 @@ class Trainer:
 
     def _trainable_count(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def _warm_up(self, collator: Callable) -> None:
+        """An untimed, undone step (device.warm_up_step) on the first training examples, at this run's micro-batch;
+        with the torch optimizer under Accelerate's: no GradScaler, whose scale must not move."""
+        from accelerate.utils import send_to_device
+
+        micro = max(1, self.cfg.batch_size // self.cfg.grad_accum // self.accelerator.num_processes)
+        batch = send_to_device(collator(self.s.train_data[:micro]), self.accelerator.device)
+        warm_up_step(self.model, self.optimizer.optimizer, self.params, batch, self.accelerator.device)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- evaluation --
 
@@ -198,20 +229,44 @@ class Trainer:
     # -- one optimizer step's closing --
 
     def _optimizer_step(self) -> None:
+        scaler = self.accelerator.scaler
         if self.cfg.max_grad_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # unscales first
         else:
+            self.accelerator.unscale_gradients()  # fp16: the norm and the methods see the true gradient
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
         self._grad_norm = torch.as_tensor(grad_norm, device=self._first_bad_step.device)
-        self._mark_bad(~torch.isfinite(self._grad_norm))
-        scaler = self.accelerator.scaler
-        self.method.before_optimizer_step(self.global_step, scaler.get_scale() if scaler is not None else None)
+        grad_scale, overflow = None, False
+        if scaler is None:
+            self._mark_bad(~torch.isfinite(self._grad_norm))
+        else:  # fp16: a non-finite gradient is an overflow the scaler skips, not divergence (a host sync, as the
+            # scaler's own step makes); the methods get the backward's scale and leave such a step out
+            overflow = not bool(torch.isfinite(self._grad_norm))
+            grad_scale = scaler.get_scale()
+        self.method.before_optimizer_step(self.global_step, grad_scale)
         self.optimizer.step()
+        if overflow:
+            self._skipped_step(scaler.get_scale(), grad_scale)
+        else:
+            self._skipped_in_a_row = 0
         if self.method.after_optimizer_step(self.global_step):
             self.refresh_parameters()
-        self.scheduler.step()
+        if not overflow:  # the schedule moves with the updates (Accelerate's rule, also for a fused AdamW)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+
+    def _skipped_step(self, scale: float, scale_before: float) -> None:
+        """The GradScaler skipped this step; a scale fallen below MIN_LOSS_SCALE is divergence."""
+        if scale >= scale_before:  # it did step: the norm overflowed, not an entry (a gradient beyond 1e19)
+            self._mark_bad(torch.ones((), dtype=torch.bool, device=self._first_bad_step.device))
+            return
+        self._skipped_in_a_row += 1
+        if scale < MIN_LOSS_SCALE:
+            raise NonFiniteError(
+                f"fp16: the gradient overflowed at {self._skipped_in_a_row} optimizer steps in a row (up to step "
+                f"{self.global_step + 1}, epoch {self.epoch + 1}) and the loss scale fell to {scale:g}: training "
+                "diverged; try a lower --lr or --mixed-precision bf16. The last good checkpoint is kept.")
 
     def refresh_parameters(self) -> None:
         """The method changed the trainable parameters (a resize): the optimizer takes the new set, keeping
@@ -219,10 +274,25 @@ class Trainer:
         self.method.refresh_optimizer(self.optimizer)
         self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap the model anew
-            self.model = self.accelerator.prepare_model(self.unwrapped, device_placement=False)
+            self._rewrap()
         count = self._trainable_count()
         if count != self.param_counts[-1][1]:
             self.param_counts.append([self.global_step + 1, count])
+
+    def _rewrap(self) -> None:
+        """Release the old DDP wrapper, then wrap the resized model in a new one. The old reducer holds every
+        old parameter, a gradient bucket the size of all of them, and autograd hooks on the ones that stay
+        (torch's DDP._remove_autograd_hooks is for re-wrapping a model). Accelerate's prepare_model lists the
+        model in accelerator._models again and wraps its forward in autocast again: it is unlisted and its
+        forward restored first, so that the accelerator holds one model, prepared once."""
+        old, acc = self.model, self.accelerator
+        if isinstance(old, torch.nn.parallel.DistributedDataParallel):
+            old._remove_autograd_hooks()
+        acc._models[:] = [m for m in acc._models if m is not old and m is not self.unwrapped]
+        self.model = None
+        del old
+        self.unwrapped = acc.unwrap_model(self.unwrapped, keep_fp32_wrapper=False)
+        self.model = acc.prepare_model(self.unwrapped, device_placement=False)
 
     def _mark_bad(self, bad: torch.Tensor) -> None:
         """Remember the first step whose loss or gradient was not finite, without a host sync."""
@@ -249,7 +319,7 @@ class Trainer:
         if not w["count"]:
             return
         values = {"train/loss": float(w["loss"]) / w["count"], "train/lr": self.scheduler.get_last_lr()[0],
-                  "train/step_seconds": w["seconds"] / max(1, w.get("steps", 1))}
+                  "train/step_seconds": w["seconds"] / max(1, w["steps"])}
         if self.has_extra_loss:
             values["train/extra_loss"] = float(w["extra"]) / w["count"]
         if self._grad_norm is not None:
@@ -280,9 +350,9 @@ class Trainer:
             loader = self.train_loader
             if self.batches_done_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.batches_done_in_epoch)
-            self._sync()
+            device_sync(self.accelerator.device)
             epoch_start = time.perf_counter()
-            step_start = epoch_start
+            self.clock.start()
             for batch in loader:
                 with self.accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss  # AdaLoRA's orthogonal regulariser is inside
@@ -301,27 +371,24 @@ class Trainer:
                     self._mark_bad(~torch.isfinite(total.detach()))
                     if self.accelerator.sync_gradients:
                         self._optimizer_step()
-                        now = time.perf_counter()
-                        self.step_seconds.append(now - step_start)
-                        self._window["seconds"] += now - step_start
-                        self._window["steps"] = self._window.get("steps", 0) + 1
-                        step_start = now
+                        self.clock.lap()
                         bar.update(1)
                         extra_values = self.method.log_values(self.global_step - 1)
                         if self.tracking and extra_values:
                             self.accelerator.log(extra_values, step=self.global_step)
                         if self.global_step % cfg.log_every == 0:
+                            self._read_clock()
                             self._check_finite()
                             bar.set_postfix(self._running_losses(), refresh=False)
                             if self.tracking:
                                 self._log_window()
                         if max_steps is not None and self.global_step >= max_steps:
-                            self._sync()
+                            self._read_clock()
                             self.train_seconds += time.perf_counter() - epoch_start
                             bar.close()
                             return
                         if stop.signum is not None or self._checkpoint_due():
-                            self._sync()
+                            self._read_clock()
                             self.train_seconds += time.perf_counter() - epoch_start
                             self._check_finite()
                             save_checkpoint(self)
@@ -330,8 +397,9 @@ class Trainer:
                                     f"stopped by {signal.Signals(stop.signum).name} at step {self.global_step}; "
                                     f"checkpoint saved in {self.run_dir / CHECKPOINT_DIR}; continue with --resume",
                                     stop.signum)
-                            epoch_start = step_start = time.perf_counter()  # the checkpoint is not training time
-            self._sync()
+                            epoch_start = time.perf_counter()  # the checkpoint is not training time
+                            self.clock.start()
+            self._read_clock()
             self.train_seconds += time.perf_counter() - epoch_start
             self._check_finite()
             losses = self._running_losses()
@@ -360,9 +428,13 @@ class Trainer:
             out["penalty"] = float(self.extra_sum) / n
         return out
 
-    def _sync(self) -> None:
-        if self.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
+    def _read_clock(self) -> None:
+        """Synchronise and take the step times since the last read (a logging point, a checkpoint, an epoch's end)."""
+        device_sync(self.accelerator.device)
+        times = self.clock.read()
+        self.step_seconds.extend(times)
+        self._window["seconds"] += sum(times)
+        self._window["steps"] += len(times)
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self)

@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 from fwlora import lr_search, methods
-from fwlora.bench import check_data, check_existing, load_preset, plan, preset_names, run_bench, warn_colliding_budgets
+from fwlora.bench import (Outcome, check_data, check_existing, groups, load_preset, plan, preset_names, run_bench,
+                          warn_colliding_budgets)
+from fwlora.claims import STALE_AFTER, Worker, is_stale, read_claim
 from fwlora.cli.flags import PROGRAM, parse_sets
 from fwlora.errors import UserError
-from fwlora.records import run_status, write_bench
+from fwlora.files import is_main_process
+from fwlora.records import Status, run_status, write_bench
 from fwlora.rundir import environment
 
 
@@ -26,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  fwlora bench --tasks cola,sst2 --methods lora,adalora,fwlora --budgets 0.1,0.2,0.5 --seeds 3 \\\n"
                "      --set model=roberta-base --output-dir runs/mine\n"
                "  fwlora bench --dataset tickets.csv --text-columns body --label-column team --methods lora,fwrank \\\n"
-               "      --ranks 2 --seeds 3 --output-dir runs/tickets",
+               "      --ranks 2 --seeds 3 --output-dir runs/tickets\n"
+               "  for i in 0 1 2 3; do fwlora bench --preset mpnet --output-dir runs/m --worker $i/4 & done; wait\n"
+               "      (4 workers sharing one GPU or one directory; benchmarks/slurm_bench.sh runs a Slurm job array)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a named preset or a YAML file (grid + shared training settings)")
     p.add_argument("--output-dir", required=True, help="where the run directories and the report go")
@@ -54,11 +59,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="equal-effort learning rates: run the preset's lr_search (every column at every lr on the "
                         "design seed), then write <output-dir>/frozen.yaml with each column's best lr; commit it "
                         "and run the evaluation seeds with it (src/fwlora/lr_search.py says the rule)")
+    workers = p.add_argument_group("several workers on one --output-dir (GPUs, machines, a Slurm job array)")
+    workers.add_argument("--worker", metavar="I/N",
+                         help="run worker I's share of N (0 <= I < N): the grid's seed/task/budget groups I, I+N, ... "
+                              "(default: $FWLORA_WORKER, else the Slurm array task, else 0/1). Every run is claimed "
+                              "in its directory first, so workers never train one run twice")
+    workers.add_argument("--steal", action=argparse.BooleanOptionalAction, default=True,
+                         help="after its share, take the groups other workers have not started or left stale "
+                              "(a killed worker's runs get done); default on")
+    workers.add_argument("--claim-timeout", type=float, default=STALE_AFTER, metavar="SECONDS",
+                         help="a claim without a heartbeat for this long is stale and taken over (a claim of a dead "
+                              "process on the same host at once); default %(default).0f")
     p.set_defaults(handler=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fwlora import report
     from fwlora.rundir import quiet_transformers
 
     preset = load_preset(args.preset) if args.preset else {"source": "command line"}
@@ -84,9 +99,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_overrides["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     output_dir = Path(args.output_dir)
     cells = plan(preset, output_dir, overrides, train_overrides)
+    worker = Worker.parse(args.worker) if args.worker else Worker.from_environment()
+    if args.claim_timeout <= 0:
+        raise UserError(f"--claim-timeout {args.claim_timeout:g}: must be > 0 seconds")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a directory")
     if args.dry_run:
+        owner = {c.key: i % worker.count for i, g in enumerate(groups(cells)) for c in g}
         for c in cells:
-            print(f"{c.key:40s} {run_status(Path(c.config.output_dir)) or 'to run'}")
+            holder = read_claim(Path(c.config.output_dir))
+            held = "" if holder is None else f", claimed by {holder.describe()}" + (
+                " (stale)" if is_stale(holder, args.claim_timeout) else "")
+            share = f"  [worker {owner[c.key]}/{worker.count}]" if worker.count > 1 else ""
+            print(f"{c.key:40s} {run_status(Path(c.config.output_dir)) or 'to run'}{held}{share}")
         return 0
     check_existing(cells)
     check_data(cells)
@@ -95,18 +120,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,
                                  "set": train_overrides, "runs": [c.key for c in cells],
                                  "frozen_preset_commit": frozen_commit})
-        statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed)
-    failed = [k for k, s in statuses.items() if s != "complete"]
-    if args.lr_search:  # a failed run scores as its task's worst lr
+        statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed, worker=worker,
+                             steal=args.steal, stale_after=args.claim_timeout)
+    failed = [k for k, s in statuses.items() if s == Outcome.FAILED]
+    unfinished = [k for k, s in statuses.items() if s not in (Outcome.COMPLETE, Outcome.FAILED)]
+    last = is_main_process() and not unfinished and _grid_finished(cells)  # the one to write what sums the grid up
+    if unfinished:  # held by live workers, or other workers' share (--no-steal): the last one writes the report
+        held = sum(s == Outcome.HELD for s in statuses.values())
+        print(f"{len(unfinished)} run(s) left to other workers ({held} held now); the worker that finishes last "
+              f"writes the report (or run `fwlora report {output_dir}`)", file=sys.stderr)
+    if args.lr_search and last:  # a failed run scores as its task's worst lr
         path, choices = lr_search.freeze(searched, output_dir, environment().get("git_commit"))
         print(lr_search.describe(choices))
         print(f"\nfrozen preset: {path} (commit it before any evaluation seed runs)")
-    if not args.no_report:
+    if not args.no_report and last:
+        from fwlora import report
+
         summary = report.write_report([output_dir], output_dir / "report")
-        print(summary["main_table"])
+        print(summary.main_table)
         print(f"\nreport: {output_dir / 'report' / 'report.md'}")
     if failed:
         print(f"\n{len(failed)} run(s) failed: " + ", ".join(failed) + " (errors in their result.json; "
               "run the same command again to retry)", file=sys.stderr)
         return 1
     return 0
+
+
+def _grid_finished(cells) -> bool:
+    """Every run of the grid complete or failed on disk (another worker may still hold one we never saw)."""
+    return all(run_status(Path(c.config.output_dir)) in (Status.COMPLETE, Status.FAILED) for c in cells)

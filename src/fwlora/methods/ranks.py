@@ -1,5 +1,5 @@
 """Ranks under a budget, and applying them to a live PEFT LoRA model: what every rank-allocating method shares
-(fwrank, widecut). Depends on torch, peft and fwlora.errors only.
+(fwrank, widecut). Depends on torch, peft, fwlora.errors and methods/lowrank.py (dW's SVD from its factors) only.
 
 Allocation rules (pure, deterministic, independent of the input dicts' order) share out a hard budget of
 adapter parameters,
@@ -14,9 +14,10 @@ learned direction does to the layer's output (`energy`: sigma_k^2 E[(v_k^T x)^2]
 component); `uniform` gives every matrix the target rank.
 
 The resize keeps s' = s for each matrix (alpha_m = s r_m, or s sqrt(r_m) with rsLoRA, written to alpha_pattern)
-and sets the adapter to the best rank-r_m approximation of dW = s B A: B' = U_r S_r^1/2 / s^1/2,
-A' = S_r^1/2 V_r^T / s^1/2. Rank 0 puts the base layer back (as PEFT's EVA does). The adapter config is rewritten
-to describe the model as it now is, so save_pretrained / PeftModel.from_pretrained rebuild these shapes.
+and sets the adapter to the best rank-r_m approximation of dW = s B A (its SVD taken from the factors,
+lowrank.py): B' = U_r S_r^1/2 / s^1/2, A' = S_r^1/2 V_r^T / s^1/2. Rank 0 puts the base layer back (as PEFT's EVA
+does). The adapter config is rewritten to describe the model as it now is, so save_pretrained /
+PeftModel.from_pretrained rebuild these shapes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from fwlora.errors import MethodError
 from fwlora.methods.gradients import is_int
+from fwlora.methods.lowrank import LowRank, lora_delta
 
 
 # ---- allocation rules --------------------------------------------------------------------------------------
@@ -109,13 +111,12 @@ def allocate_spectrum(gains: Mapping[str, Sequence[float]], cost: Mapping[str, i
 @torch.no_grad()
 def update_spectrum(layer: nn.Module, adapter: str) -> list[float]:
     """sigma_k^2 of the layer's learned dW = s B A (float64), largest first, one per rank of the adapter."""
-    dw = float(layer.scaling[adapter]) * (layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double())
-    return (torch.linalg.svdvals(dw)[: int(layer.r[adapter])] ** 2).cpu().tolist()
+    return (lora_delta(layer, adapter).singular_values()[: int(layer.r[adapter])] ** 2).cpu().tolist()
 
 
 @torch.no_grad()
-def output_energy(dw: torch.Tensor, basis: torch.Tensor, basis_gram: torch.Tensor, count: int) -> list[float]:
-    """sigma_k^2 E[(v_k^T x)^2] for the components sigma_k u_k v_k^T of dW (float64), largest sigma first.
+def output_energy(dw: LowRank, basis: torch.Tensor, basis_gram: torch.Tensor, count: int) -> list[float]:
+    """sigma_k^2 E[(v_k^T x)^2] for the components sigma_k u_k v_k^T of dW = s B A (float64), largest sigma first.
 
     The inputs are known through `basis` (r x d_in, the adapter's A when they were seen) and
     basis_gram = sum over `count` tokens of (basis x)(basis x)^T = basis (sum x x^T) basis^T (r x r): with
@@ -125,7 +126,7 @@ def output_energy(dw: torch.Tensor, basis: torch.Tensor, basis_gram: torch.Tenso
     """
     if count <= 0:
         return [0.0] * min(basis.shape[0], *dw.shape)
-    _, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    _, s, vh = dw.svd()
     k = min(basis.shape[0], s.numel())
     q, r = torch.linalg.qr(basis.double().T)  # (d_in, r), (r, r)
     r_inv = torch.linalg.pinv(r)
@@ -178,8 +179,8 @@ def refactor_layer(layer: nn.Module, adapter: str, r_new: int, s_new: float, con
     a_old, b_mod = layer.lora_A[adapter].weight, layer.lora_B[adapter]
     dtype, device, trainable = a_old.dtype, a_old.device, a_old.requires_grad
     bias = None if b_mod.bias is None else b_mod.bias.detach().clone()
-    dw = float(layer.scaling[adapter]) * (b_mod.weight.double() @ a_old.double())  # (d_out, d_in), float64
-    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    dw = lora_delta(layer, adapter)
+    u, s, vh = dw.svd()  # float64, dW's r nonzero components
     tol = s.max() * max(dw.shape) * torch.finfo(dtype).eps  # numerical rank as in torch.linalg.matrix_rank
     n = min(r_new, int((s > tol).sum()))  # directions copied from dW; the rest start as fresh LoRA directions
     rslora = bool(layer.use_rslora.get(adapter, False))

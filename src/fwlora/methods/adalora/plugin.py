@@ -151,10 +151,22 @@ class AdaLoRA(Method):
             return None
         return self.settings.orth_reg * orthogonal_regulariser(self._factors)
 
+    def before_optimizer_step(self, step: int, grad_scale: float | torch.Tensor | None) -> None:
+        self._scaled = grad_scale is not None  # fp16: a non-finite gradient is a step the GradScaler skips
+
     def after_optimizer_step(self, step: int) -> bool:
         # after optimizer.step(), before zero_grad, with the 0-based step index (PEFT's contract)
         if self.init_r == self.target_r:
             # the budget is every triplet: nothing can be masked (PEFT's kthvalue would be asked for k = 0)
+            return False
+        if getattr(self, "_scaled", False) and not _finite_gradients(self.model):
+            # an overflow the scaler skipped: the budget schedule goes on, the importance leaves the inf out
+            allocator = self.model.base_model.rankallocator
+            allocator.update_ipt = lambda model: None
+            try:
+                self.model.base_model.update_and_allocate(step)
+            finally:
+                del allocator.update_ipt
             return False
         self.model.base_model.update_and_allocate(step)
         return False
@@ -207,12 +219,28 @@ class AdaLoRA(Method):
 
 def orthogonal_regulariser(factors: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
     """PEFT's AdaLoRA regulariser (AdaLoraModel.forward): the mean over the A (r x d_in) and B (d_out x r)
-    factors of ||A A^T - I||_F and ||B^T B - I||_F. factors: (parameter, whether it is an A)."""
-    terms = []
+    factors of ||A A^T - I||_F and ||B^T B - I||_F. factors: (parameter, whether it is an A).
+
+    Batched: each factor as rows X (A, or B^T: both r x d), stacked by shape, so a model's 144 factors are a
+    few bmm calls rather than 144 small products (one stack copies the adapters, small next to the model)."""
+    groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p, is_a in factors:
-        cov = p @ p.T if is_a else p.T @ p
-        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
-    return torch.stack(terms).mean() if terms else torch.zeros(())
+        x = p if is_a else p.T
+        groups.setdefault((x.shape, x.dtype, x.device), []).append(x)
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for (shape, dtype, device), xs in groups.items():
+        x = torch.stack(xs)  # (n, r, d)
+        cov = torch.bmm(x, x.transpose(1, 2))  # (n, r, r)
+        norms.append(torch.linalg.matrix_norm(cov - torch.eye(shape[0], dtype=cov.dtype, device=device)))
+    return torch.cat(norms).mean()
+
+
+def _finite_gradients(model: nn.Module) -> bool:
+    """Whether every adapter gradient (what PEFT's importance reads) is finite (one host sync)."""
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
 def _short(name: str) -> str:

@@ -106,15 +106,17 @@ class FisherWeightedLoRA:
         sq_norms = torch.stack([p.square().sum(dtype=self._fisher.dtype) for p in pieces])
         if self.config.estimator == "sketch":
             sq_norms = sq_norms / self.config.sketch_size
+        decay = self.statistic.decay
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=self._fisher.dtype, device=self.device)
             sq_norms = sq_norms / scale.square()
-            if not bool(torch.isfinite(sq_norms).all()):  # the scaler skips this step; so does F
-                return
+            # the scaler skips an overflowed step; so does F (selected on the device: no host sync per step)
+            self._fisher.copy_(torch.where(torch.isfinite(sq_norms).all(),
+                                           self._fisher.mul(decay).add_(sq_norms, alpha=1.0 - decay), self._fisher))
+            return
         step = self.steps_done + 1
         bad = ~torch.isfinite(sq_norms) & (self._first_nonfinite < 0)
         self._first_nonfinite = torch.where(bad, torch.full_like(self._first_nonfinite, step), self._first_nonfinite)
-        decay = self.statistic.decay
         self._fisher.mul_(decay).add_(sq_norms, alpha=1.0 - decay)
 
     def _finish_warmup(self) -> None:
@@ -161,7 +163,7 @@ class FisherWeightedLoRA:
             return penalty.detach()
         params = [w for n in self.names for w in self._adapter_weights(n)]
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        scale = float(grad_scale) if grad_scale is not None else 1.0
+        scale = grad_scale if grad_scale is not None else 1.0  # a float or a tensor: no host sync either way
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is None:

@@ -9,7 +9,10 @@ statistic, per layer, is an EMA of the second moment of G = dL/dW on its smaller
     d_in  <  d_out: M <- beta M + (1 - beta) Z^T Z / p,  Z = Omega'^T G   = (g Omega')^T x   (p x d_in)
 
 Its eigenvalues at step K are the gradient's spectrum; trace M is an unbiased estimate of FW-LoRA's
-F_m = EMA ||G_m||_F^2. Depends on torch, peft, fwlora.errors, methods/gradients.py and methods/ranks.py only.
+F_m = EMA ||G_m||_F^2. M and the mean gradient are float64 on every device, as FW-LoRA's F (stat_dtype; MPS alone
+has no float64): the allocation then does not depend on where the run happened, and the k x k EMA costs little
+next to the step (p k^2 multiply-adds per layer). Depends on torch, peft, fwlora.errors, methods/gradients.py,
+methods/lowrank.py and methods/ranks.py only.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from torch import nn
 
 from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.fwrank.config import FWRankConfig
+from fwlora.methods.lowrank import lora_delta
 from fwlora.methods.ranks import (ResizeReport, allocate_proportional, allocate_spectrum, lora_tuner, output_energy,
                                   resize_lora_ranks, uniform_ranks, update_spectrum)
 from fwlora.methods.gradients import (GradientHooks, GradientStatistic, check_reachable, find_lora_layers, is_fraction,
                                       matches_saved, read_state_file, same_on_every_process, save_state_file,
-                                      single_active_adapter)
+                                      single_active_adapter, stat_dtype)
 
 RANK_STATE_FILE = "fwrank_state.safetensors"
 
@@ -64,7 +68,7 @@ class FisherRankAllocation:
         self.rank = rank
         self.budget = rank * sum(d_in + d_out for d_in, d_out in self.dims.values())
         self.device = first.lora_A[self.adapter_name].weight.device
-        self._dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        self._dtype = stat_dtype(self.device)  # float64 on CPU and GPU alike (see the module docstring)
         self._moments = {n: torch.zeros(min(d), min(d), dtype=self._dtype, device=self.device) for n, d in self.dims.items()}
         self.ranks: dict[str, int] = {}
         self._fisher: dict[str, float] = {}
@@ -136,22 +140,30 @@ class FisherRankAllocation:
         p = self.config.sketch_size
         decay = self.statistic.decay
         alpha = (1.0 - decay) / max(p, 1)
-        if grad_scale is not None:
-            alpha /= float(grad_scale) ** 2
-            if not bool(torch.stack([q.abs().sum() for q in pieces]).isfinite().all()):
-                return
+        if grad_scale is None:
+            for n, q in zip(self.names, pieces):
+                q = q.to(self._dtype)
+                self._moments[n].mul_(decay).addmm_(q.T, q, alpha=alpha)
+            return
+        # a step the scaler skips (its gradient overflowed) leaves M as it was: a mask on the device, not a host sync
+        finite = _all_finite(pieces)
+        scale = torch.as_tensor(grad_scale, dtype=self._dtype, device=self.device)
         for n, q in zip(self.names, pieces):
-            q = q.to(self._dtype)
-            self._moments[n].mul_(decay).addmm_(q.T, q, alpha=alpha)
+            q = q.to(self._dtype) / scale
+            m = self._moments[n]
+            m.copy_(torch.where(finite, m.mul(decay).addmm_(q.T, q, alpha=alpha), m))
 
     def _fold_mean(self, pieces: list[torch.Tensor], grad_scale: float | torch.Tensor | None) -> None:
         decay = self.statistic.decay
-        scale = 1.0 / float(grad_scale) if grad_scale is not None else 1.0
-        if grad_scale is not None and not bool(torch.stack([q.abs().sum() for q in pieces]).isfinite().all()):
-            return
+        finite = None
+        if grad_scale is not None:
+            finite = _all_finite(pieces)
+            scale = torch.as_tensor(grad_scale, dtype=self._dtype, device=self.device)
+            pieces = [q.to(self._dtype) / scale for q in pieces]
         for n, q in zip(self.names, pieces):
-            q = q.to(self._dtype) * scale
-            self._mean[n] = self._mean[n].mul_(decay).add_(q, alpha=1.0 - decay) if n in self._mean else q * (1.0 - decay)
+            q = q.to(self._dtype)
+            new = self._mean[n].mul(decay).add_(q, alpha=1.0 - decay) if n in self._mean else q * (1.0 - decay)
+            self._mean[n] = new if finite is None else torch.where(finite, new, self._mean.get(n, torch.zeros_like(q)))
 
     def _last_warmup_step(self) -> bool:
         return self.statistic.steps_done == self.config.warmup_steps - 1
@@ -211,10 +223,9 @@ class FisherRankAllocation:
             energy = {}
             for n in self.names:
                 layer = self.layers[n]
-                dw = float(layer.scaling[self.adapter_name]) * (layer.lora_B[self.adapter_name].weight.double()
-                                                                @ layer.lora_A[self.adapter_name].weight.double())
                 basis, gram, count = self._inputs.get(n, [layer.lora_A[self.adapter_name].weight, None, 0])
-                energy[n] = output_energy(dw, basis, gram if gram is not None else torch.zeros(1, 1), count)
+                energy[n] = output_energy(lora_delta(layer, self.adapter_name), basis,
+                                          gram if gram is not None else torch.zeros(1, 1), count)
             self._spectra["energy"] = energy
         if self.config.needs_mean_gradient:
             p = max(self.config.sketch_size, 1)
@@ -324,6 +335,11 @@ class FisherRankAllocation:
             self._mean_stat.remove()
         if self._input_hooks is not None:
             self._input_hooks.detach()
+
+
+def _all_finite(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every piece is finite, as a 0-dim bool on the device (torch.where selects with it, no host sync)."""
+    return torch.stack([q.abs().sum() for q in pieces]).isfinite().all()
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ every matrix at r, or a greedy on what it learned) and is cut to the best rank-r
 learned dW = s B A; training then goes on at those shapes. No statistic is measured on the way (the rule
 `energy` looks at the inputs of the cut step alone), so until the cut each step is LoRA's at the width.
 
-Depends on torch, peft, fwlora.errors, methods/gradients.py and methods/ranks.py only.
+Depends on torch, peft, fwlora.errors, methods/gradients.py, methods/lowrank.py and methods/ranks.py only.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from fwlora.errors import MethodError
 from fwlora.methods.gradients import (GradientHooks, check_reachable, find_lora_layers, is_fraction,
                                       same_on_every_process, single_active_adapter)
+from fwlora.methods.lowrank import lora_delta
 from fwlora.methods.ranks import (ResizeReport, allocate_spectrum, lora_tuner, output_energy, resize_lora_ranks,
                                   uniform_ranks, update_spectrum)
 from fwlora.methods.widecut.config import WideCutConfig
@@ -97,10 +98,8 @@ class WideCut:
             else:
                 for n in self.names:
                     layer = self.layers[n]
-                    dw = float(layer.scaling[self.adapter_name]) * (layer.lora_B[self.adapter_name].weight.double()
-                                                                    @ layer.lora_A[self.adapter_name].weight.double())
                     basis, gram, count = self._inputs.get(n, [layer.lora_A[self.adapter_name].weight, torch.zeros(1, 1), 0])
-                    self.spectra[n] = output_energy(dw, basis, gram, count)
+                    self.spectra[n] = output_energy(lora_delta(layer, self.adapter_name), basis, gram, count)
             cost = {n: sum(self.dims[n]) for n in self.names}
             ranks = allocate_spectrum(self.spectra, cost, self.budget, cap)
         self.ranks = same_on_every_process({n: ranks[n] for n in self.names}, next(self.model.parameters()).device)
