@@ -173,7 +173,7 @@ class StepLoop:
         hook_start = time.perf_counter()
         if self.method.after_optimizer_step(self.index):
             self.method.refresh_optimizer(self.optimizer)
-            self.params = [q for q in self.model.parameters() if q.requires_grad]
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.changed.append(self.index)
         self.optimizer.zero_grad(set_to_none=True)
         self.sync()

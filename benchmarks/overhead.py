@@ -233,13 +233,14 @@ def main() -> int:
         if name == "lora":
             lines.append(f"| lora | {seconds:.4f} | 1 | |")
             continue
-        q = m["ratio_quartiles"][name]
-        lines.append(f"| {name} | {seconds:.4f} | {m['median_ratio'][name]:.3f} | {q[0]:.3f} - {q[2]:.3f} |")
-    t = m["throughput_lora"]
-    lines += ["", f"LoRA's step: {t['tokens_per_second']:.0f} tokens/s ({t['padded_tokens_per_second']:.0f} with padding), "
-              f"{t['gflop_per_step']:.1f} GFLOP a step (forward + backward, FlopCounterMode), "
-              f"{t['achieved_gflops']:.1f} GFLOP/s = {100 * t['fraction_of_peak']:.0f} % of the peak "
-              f"{t['peak_gflops']:.0f} GFLOP/s ({t['peak_assumes']})"]
+        quartiles = m["ratio_quartiles"][name]
+        lines.append(f"| {name} | {seconds:.4f} | {m['median_ratio'][name]:.3f} | "
+                     f"{quartiles[0]:.3f} - {quartiles[2]:.3f} |")
+    lora = m["throughput_lora"]
+    lines += ["", f"LoRA's step: {lora['tokens_per_second']:.0f} tokens/s ({lora['padded_tokens_per_second']:.0f} with "
+              f"padding), {lora['gflop_per_step']:.1f} GFLOP a step (forward + backward, FlopCounterMode), "
+              f"{lora['achieved_gflops']:.1f} GFLOP/s = {100 * lora['fraction_of_peak']:.0f} % of the peak "
+              f"{lora['peak_gflops']:.0f} GFLOP/s ({lora['peak_assumes']})"]
     whole = {}
     post = m["median_ratio"]["fw-penalty"]
     lines += ["", f"whole run with K = {args.warmup_steps} warm-up steps (K r_warmup + (T - K) r_penalty) / T:",

@@ -94,9 +94,9 @@ def main() -> int:
     lines = ["| model | variant | median step (s) | bf16 / fp32 (median [IQR]) | tokens/s | GFLOP a step | GFLOP/s | "
              "% of peak |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        q = r["ratio_quartiles"]
+        quartiles = r["ratio_quartiles"]
         for key, v in r["variants"].items():
-            ratio = f"{r['median_ratio_bf16_over_fp32']:.3f} [{q[0]:.3f}, {q[2]:.3f}]" if key != "float32" else "1"
+            ratio = f"{r['median_ratio_bf16_over_fp32']:.3f} [{quartiles[0]:.3f}, {quartiles[2]:.3f}]" if key != "float32" else "1"
             lines.append(f"| {r['model']} | {key} | {v['median_step_seconds']:.3f} | {ratio} | {v['tokens_per_second']:.0f} | "
                          f"{v['gflop_per_step']:.1f} | {v['achieved_gflops']:.1f} | {100 * v['fraction_of_peak']:.0f} % "
                          f"(of {v['peak_gflops']:.0f}) |")

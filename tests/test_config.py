@@ -200,3 +200,37 @@ def test_random_mappings_written_as_yaml_or_json(tmp_path_factory, values, as_js
     path = tmp_path_factory.getbasetemp() / ("m.json" if as_json else "m.yaml")
     path.write_text(json.dumps(values) if as_json else yaml.safe_dump(values), encoding="utf-8")
     _load(path)
+
+
+# ---- the task's name with your own data, typed method settings -----------------------------------------------
+
+
+@pytest.mark.parametrize("extra, task", [([], "x"), (["--task", "cola"], "cola"), (["--task", "sst2"], "sst2")])
+def test_own_data_is_named_after_the_file_unless_task_is_given(extra, task):
+    args = build_parser().parse_args(["train", "--dataset", "data/x.csv", *extra])
+    cfg = TrainConfig.from_dict(collect_train_settings(args))
+    assert cfg.task == task
+    assert TrainConfig.from_dict(cfg.to_dict()).task == task  # as config.json keeps it
+    assert TrainConfig.from_dict({"task": "cola", "dataset": "x.csv"}).task == "cola"  # a config file's too
+
+
+def test_method_settings_are_the_methods_typed_settings():
+    from fwlora import methods
+
+    cfg = TrainConfig.from_dict({"method": "fwlora", "fw_beta": 0.9, "fw_warmup_steps": 4})
+    settings_class = methods.get("fwlora").Settings
+    assert cfg.method_settings == settings_class(beta=0.9, warmup_steps=4)  # built directly, independently
+    assert cfg.method_settings.measure_every == 4  # resolved there: min(8, K) ...
+    assert cfg.to_dict()["fw_measure_every"] is None  # ... while the config keeps what was given
+    assert cfg.replace(fw_warmup_steps=2).method_settings.measure_every == 2
+    assert not hasattr(cfg, "lambda_fw")  # a method's setting is read from method_settings, not the config
+
+
+def test_values_are_converted_by_the_settings_real_types():
+    from fwlora.config import setting_types
+
+    types = setting_types()
+    assert types["rank"] == (int | None) and types["lr"] is float and types["target_modules"] == (list[str] | None)
+    assert types["fw_warmup_steps"] == (int | float)
+    cfg = TrainConfig.from_dict({"method": "fwlora", "fw_warmup_steps": "0.25", "lambda_fw": 1, "rank": 2})
+    assert cfg.method_settings.warmup_steps == 0.25 and isinstance(cfg.method_settings.lambda_fw, float)

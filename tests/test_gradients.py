@@ -13,7 +13,7 @@ from conftest import batch, lora, tiny_bert
 
 from fwlora import FisherRankAllocation, FisherWeightedLoRA, FWLoRAConfig, FWRankConfig
 from fwlora.errors import MethodError
-from fwlora.methods.lowrank import LowRank
+from fwlora.lowrank import LowRank
 from fwlora.methods.ranks import output_energy
 from fwlora.methods.gradients import WarmupConfig
 

@@ -8,7 +8,7 @@ import torch
 from conftest import lora, tiny_bert
 
 from fwlora import analysis, models
-from fwlora.methods.lowrank import LowRank, lowrank_svd, peft_delta
+from fwlora.lowrank import LowRank, lowrank_svd, peft_delta
 
 
 def factors(d_out: int, r: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

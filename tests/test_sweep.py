@@ -334,7 +334,7 @@ def test_infeasible_warmup_is_pruned_untrained_and_divergence_counts(tmp_path, g
     trained = []
 
     def diverge_at_rank_2(cfg, overwrite=False, on_epoch_end=None):
-        trained.append(cfg.fw_warmup_steps)
+        trained.append(cfg.method_settings.warmup_steps)
         if cfg.rank == 2:
             raise NonFiniteError("the loss became NaN at step 3")
         return fake_train(cfg, overwrite, on_epoch_end)
@@ -507,7 +507,8 @@ def test_real_sweep_prunes_and_exports_configs_train_and_bench_accept(tmp_path, 
     assert set(exported) == set(TrainConfig.from_dict({"method": "fwlora"}).to_dict())
     restored = TrainConfig.from_dict(exported)
     assert restored.lr == study.best_params["lr"] and restored.rank == study.best_params["rank"]
-    assert restored.fw_warmup_steps == study.best_params["fw_warmup_steps"] and restored.method == "fwlora"
+    assert restored.method_settings.warmup_steps == study.best_params["fw_warmup_steps"]
+    assert restored.method == "fwlora"
     args = build_parser().parse_args(["train", "--config", str(out / "best_fwlora.yaml"), "--seed", "1"])
     assert TrainConfig.from_dict(collect_train_settings(args)) == restored.replace(seed=1)
     # the bench preset: tuned settings per method, the sweep's slice shared

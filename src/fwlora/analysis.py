@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fwlora.methods.lowrank import LowRank
+from fwlora.lowrank import LowRank
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

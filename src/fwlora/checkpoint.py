@@ -1,5 +1,6 @@
-"""A run's checkpoint: adapter and head weights, optimizer, schedule, every process's RNG, the method's state and
-the data position, so that a resumed run reaches the same result as an uninterrupted one.
+"""A run's checkpoint: adapter and head weights, optimizer, schedule, every process's RNG, the method's state
+and the run's TrainingProgress (progress.json: the data position, history, times, loss sums), so that a
+resumed run reaches the same result as an uninterrupted one.
 
 Two are kept: `checkpoint` (the newest) and `checkpoint.old` (the one before). A new one is written to
 checkpoint.tmp, flushed, then swapped in; the older is dropped only then. On resume a checkpoint whose files
@@ -12,22 +13,41 @@ import logging
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fwlora.errors import UserError
 from fwlora.files import read_json, write_json
+from fwlora.progress import TrainingProgress
 from fwlora.records import CHECKPOINT_DIR
+
+
+
+class Trainer(Protocol):
+    """What a checkpoint reads and restores of the training loop (fwlora.trainer.Trainer has it; the loop
+    imports this module, so this one names the loop's shape instead of importing it)."""
+
+    accelerator: Any
+    run_dir: Path
+    unwrapped: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    method: Any
+    progress: TrainingProgress
+    setup: Any
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def refresh_parameters(self) -> None: ...
 
 log = logging.getLogger(__name__)
 
-PREVIOUS_DIR, TMP_DIR, UNREADABLE_DIR = (CHECKPOINT_DIR + s for s in (".old", ".tmp", ".unreadable"))
-PROGRESS_KEYS = ("epoch", "batches_done_in_epoch", "global_step", "history", "train_seconds", "eval_seconds",
-                 "step_seconds", "loss_sum", "penalty_sum", "loss_count", "python_random")
+PREVIOUS_DIR, TMP_DIR, UNREADABLE_DIR = (CHECKPOINT_DIR + end for end in (".old", ".tmp", ".unreadable"))
+PROGRESS_KEYS = (*TrainingProgress.REQUIRED_KEYS, "python_random")  # Python's RNG is saved with the progress
 
 
 # ---- RNG: one state per process ------------------------------------------------------------------------
@@ -68,7 +88,8 @@ def rng_tensors(states: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], python: list | None, rank: int, device: torch.device) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor], python: list | None, rank: int,
+                device: torch.device) -> None:
     """Set this process's RNG to its own saved state. A checkpoint written by fewer processes (or by a release
     that kept rank 0's alone, as `torch`) gives rank 0's: dropout then differs from an uninterrupted run."""
     own = f"torch/{rank}" in tensors
@@ -87,33 +108,28 @@ def restore_rng(tensors: dict[str, torch.Tensor], python: list | None, rank: int
 # ---- save ------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(t: Any) -> None:
+def save_checkpoint(trainer: Trainer) -> None:
     """Save a Trainer's state (every process takes part; the main process writes): written to checkpoint.tmp,
     then swapped in; the checkpoint it replaces becomes checkpoint.old, and the one before that is dropped."""
     from safetensors.torch import save_file
 
-    t.accelerator.wait_for_everyone()
-    t._last_checkpoint = time.perf_counter()
-    rng = gather_rng_states(t.accelerator.device)
-    if not t.is_main:
+    trainer.accelerator.wait_for_everyone()
+    rng = gather_rng_states(trainer.accelerator.device)
+    if not trainer.is_main:
         return
-    final, previous, tmp = (t.run_dir / d for d in (CHECKPOINT_DIR, PREVIOUS_DIR, TMP_DIR))
+    final, previous, tmp = (trainer.run_dir / d for d in (CHECKPOINT_DIR, PREVIOUS_DIR, TMP_DIR))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in t.unwrapped.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach().cpu().contiguous() for n, p in trainer.unwrapped.named_parameters()
+                 if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(t.optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(t.scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
     save_file(rng_tensors(rng), str(tmp / "rng.safetensors"))
-    t.method.save_state(tmp)
-    write_json(tmp / "progress.json", {
-        "epoch": t.epoch, "batches_done_in_epoch": t.batches_done_in_epoch, "global_step": t.global_step,
-        "history": t.history, "train_seconds": t.train_seconds, "eval_seconds": t.eval_seconds,
-        "step_seconds": t.step_seconds, "loss_sum": float(t.loss_sum), "penalty_sum": float(t.extra_sum),
-        "has_extra_loss": t.has_extra_loss, "param_counts": t.param_counts,
-        "loss_count": t.loss_count, "python_random": rng[0]["python"],
-        "python_random_ranks": [s["python"] for s in rng],
-    })
+    trainer.method.save_state(tmp)
+    # Python's RNG is not a tensor: it goes with the progress (rank 0's alone under its old key)
+    write_json(tmp / "progress.json", {**trainer.progress.to_dict(), "python_random": rng[0]["python"],
+                                       "python_random_ranks": [state["python"] for state in rng]})
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -153,7 +169,7 @@ def read_checkpoint(directory: Path, device: torch.device) -> CheckpointState:
             text = (str(e).strip().splitlines() or [""])[0][:160]
             raise Unreadable(f"{directory.name}/{name} cannot be read ({type(e).__name__}: {text})") from None
 
-    where = device if device.type != "cpu" else "cpu"  # torch.load knows no "cpu:0" (Accelerate's gloo device)
+    where = device if device.type != "cpu" else "cpu"  # torch.load knows no "cpu:0" (Accelerate's gloo)
     trainable = read("trainable.safetensors", lambda p: load_file(str(p)))
     optimizer = read("optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location=where))
     scheduler = read("scheduler.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
@@ -165,69 +181,60 @@ def read_checkpoint(directory: Path, device: torch.device) -> CheckpointState:
     return CheckpointState(directory, trainable, optimizer, scheduler, rng, progress)
 
 
-def load_checkpoint(t: Any) -> None:
-    """Restore a Trainer's state from its run directory's newest readable checkpoint (the method's state first)."""
+def load_checkpoint(trainer: Trainer) -> None:
+    """Restore a Trainer's state from its run directory's newest readable checkpoint (the method's state
+    first)."""
     problems = []
     for name in (CHECKPOINT_DIR, PREVIOUS_DIR):
-        directory = t.run_dir / name
+        directory = trainer.run_dir / name
         if not directory.is_dir():
             continue
         try:
-            state = read_checkpoint(directory, t.accelerator.device)
+            state = read_checkpoint(directory, trainer.accelerator.device)
         except Unreadable as e:
             problems.append(str(e))
-            if t.is_main:
+            if trainer.is_main:
                 log.warning("%s: trying the checkpoint before it", e)
             continue
-        _apply(t, state)
+        _apply(trainer, state)
         if problems:
-            note = f"{problems[0]}: resumed from {name} (step {t.global_step}) instead"
-            t.s.notes.append(note)
-            _set_aside_unreadable(t)
+            note = f"{problems[0]}: resumed from {name} (step {trainer.progress.global_step}) instead"
+            trainer.setup.notes.append(note)
+            _set_aside_unreadable(trainer)
         return
-    detail = "; ".join(problems) or f"no checkpoint in {t.run_dir}"
-    raise UserError(f"cannot resume {t.run_dir}: {detail}; pass --overwrite to start the run again")
+    detail = "; ".join(problems) or f"no checkpoint in {trainer.run_dir}"
+    raise UserError(f"cannot resume {trainer.run_dir}: {detail}; pass --overwrite to start the run again")
 
 
-def _set_aside_unreadable(t: Any) -> None:
-    """After resuming from checkpoint.old: the unreadable newest one goes to checkpoint.unreadable (kept to look
-    at), and checkpoint.old becomes the checkpoint, so the next save keeps it as the fallback."""
-    t.accelerator.wait_for_everyone()  # every process has read checkpoint.old
-    if t.is_main:
-        unreadable = t.run_dir / UNREADABLE_DIR
+def _set_aside_unreadable(trainer: Trainer) -> None:
+    """After resuming from checkpoint.old: the unreadable newest one goes to checkpoint.unreadable (kept to
+    look at), and checkpoint.old becomes the checkpoint, so the next save keeps it as the fallback."""
+    run_dir = trainer.run_dir
+    trainer.accelerator.wait_for_everyone()  # every process has read checkpoint.old
+    if trainer.is_main:
+        unreadable = run_dir / UNREADABLE_DIR
         shutil.rmtree(unreadable, ignore_errors=True)
-        (t.run_dir / CHECKPOINT_DIR).rename(unreadable)
-        (t.run_dir / PREVIOUS_DIR).rename(t.run_dir / CHECKPOINT_DIR)
-    t.accelerator.wait_for_everyone()
+        (run_dir / CHECKPOINT_DIR).rename(unreadable)
+        (run_dir / PREVIOUS_DIR).rename(run_dir / CHECKPOINT_DIR)
+    trainer.accelerator.wait_for_everyone()
 
 
-def _apply(t: Any, state: CheckpointState) -> None:
+def _apply(trainer: Trainer, state: CheckpointState) -> None:
     # the method first: it may reshape the model (a resize after its warm-up) before the weights load
-    if t.method.load_state(state.directory):
-        t.refresh_parameters()
-    params = dict(t.unwrapped.named_parameters())
+    if trainer.method.load_state(state.directory):
+        trainer.refresh_parameters()
+    params = dict(trainer.unwrapped.named_parameters())
     with torch.no_grad():
         for name, value in state.trainable.items():
             params[name].copy_(value)
-    t.optimizer.load_state_dict(state.optimizer)
-    t.scheduler.load_state_dict(state.scheduler)
-    progress = state.progress
-    rank = t.accelerator.process_index
-    ranks = progress.get("python_random_ranks") or []
-    restore_rng(state.rng, ranks[rank] if rank < len(ranks) else progress["python_random"], rank, t.accelerator.device)
-    t.epoch = progress["epoch"]
-    t.batches_done_in_epoch = progress["batches_done_in_epoch"]
-    t.global_step = progress["global_step"]
-    t.history = progress["history"]
-    t.train_seconds = progress["train_seconds"]
-    t.eval_seconds = progress["eval_seconds"]
-    t.step_seconds = progress["step_seconds"]
-    t.param_counts = progress.get("param_counts", t.param_counts)
-    t.loss_sum.fill_(progress["loss_sum"])
-    t.extra_sum.fill_(progress["penalty_sum"])
-    t.has_extra_loss = progress.get("has_extra_loss", False)
-    t.loss_count = progress["loss_count"]
-    log.info("resumed at epoch %d, step %d", t.epoch + 1, t.global_step)
+    trainer.optimizer.load_state_dict(state.optimizer)
+    trainer.scheduler.load_state_dict(state.scheduler)
+    saved, rank = state.progress, trainer.accelerator.process_index
+    ranks = saved.get("python_random_ranks") or []  # absent in checkpoints that kept rank 0's alone
+    python_rng = ranks[rank] if rank < len(ranks) else saved["python_random"]
+    restore_rng(state.rng, python_rng, rank, trainer.accelerator.device)
+    trainer.progress.load_dict(saved)
+    log.info("resumed at epoch %d, step %d", trainer.progress.epoch + 1, trainer.progress.global_step)
 
 
 def _fsync_tree(directory: Path) -> None:

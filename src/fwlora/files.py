@@ -9,7 +9,7 @@ import os
 import tempfile
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 
 _UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
@@ -27,16 +27,18 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "wb") -> Path:
+    """Call `write(file)` on a temporary file beside `path` (opened in `mode`, text as UTF-8), fsync, then
+    rename it over `path`: a reader sees the old file or the new one, never half of one. The temporary file
+    sits in the same directory because a rename is atomic only within one file system."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             if hasattr(os, "fchmod"):  # mkstemp makes the file 0600, which would make run files private to one user
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            f.write(text)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +46,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text), mode="w")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

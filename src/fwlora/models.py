@@ -23,12 +23,11 @@ from torch import nn
 
 from fwlora.backbones import MEAN_POOL_BACKBONES, OFFLINE_BACKBONE, SMOLLM2, resolve_backbone
 from fwlora.errors import UserError
+from fwlora.tasks.base import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-CAUSAL_LM = "causal-lm"
-MODEL_KINDS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
+MODEL_KINDS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)  # what a task's model_kind may say
 
 # The one table of target modules, by config.model_type. Suffixes, matched by PEFT at a "." boundary; none
 # of them matches a task head (classifier, score, pooler) or a causal LM's lm_head.
@@ -230,12 +229,11 @@ def quantization_unavailable() -> str | None:
     if importlib.util.find_spec("bitsandbytes") is None:
         return "the package bitsandbytes is not installed (pip install bitsandbytes)"
     try:
-        import bitsandbytes as bnb  # noqa: F401
         from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        w = torch.randn(64, 64, device=device)
-        packed, state = quantize_4bit(w, quant_type="nf4")
+        probe = torch.randn(64, 64, device=device)
+        packed, state = quantize_4bit(probe, quant_type="nf4")
         dequantize_4bit(packed, state)
     except Exception as e:  # the CPU backend missing, a CUDA library mismatch: the message says which
         return f"bitsandbytes cannot quantize on this machine ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
@@ -384,7 +382,7 @@ def adapted_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 def delta_weights(peft_model: nn.Module) -> dict[str, Any]:
     """dW_m of every adapted matrix on the CPU: its two factors (a methods.lowrank.LowRank: LoRA's s B A,
     AdaLoRA's B (A * E) alpha / r), or PEFT's dense get_delta_weight (float32) where it is no such product."""
-    from fwlora.methods.lowrank import peft_delta
+    from fwlora.lowrank import peft_delta
 
     out = {}
     with torch.no_grad():

@@ -60,7 +60,7 @@ def build_method(cfg: TrainConfig, plan: RunPlan) -> Method:
     """The run's method object, its settings built (and so checked) with the run's own values filled in."""
     cls = methods.get(cfg.method)
     run = plan.run_info(cfg)
-    return cls(cls.make_settings(cfg.method_settings, run), run)
+    return cls(cls.make_settings(cfg.method_setting_values, run), run)
 
 
 # ---- planning without training (bench, sweep) --------------------------------------------------------------

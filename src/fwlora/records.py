@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fwlora.checks import is_real
 from fwlora.files import is_main_process, read_json, write_json
 
 SCHEMA_VERSION = 2
@@ -110,7 +111,7 @@ class RunRecord:
         """The headline metric of the final or best epoch (None when absent or not a number)."""
         entry = getattr(self, which) or {}
         value = entry.get(self.metric) if self.metric else None
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return float(value) if is_real(value) else None
 
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""

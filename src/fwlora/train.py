@@ -1,6 +1,7 @@
-"""One training run, as a recipe in three parts: `setup` builds data, model (with the method's adapters), budget
-and schedule from a TrainConfig; `Trainer.fit` (trainer.py) runs the epochs; `train` ties them to a run directory
-that holds everything to re-run and to analyse (records.py: config.json, result.json, adapter/, checkpoint/).
+"""One training run, as a recipe in three parts: `setup` builds data, model (with the method's adapters),
+budget and schedule from a TrainConfig; `Trainer.fit` (trainer.py) runs the epochs; `train` ties them to a run
+directory that holds everything to re-run and to analyse (records.py: config.json, result.json, adapter/,
+checkpoint/).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import torch
 from fwlora import analysis, models
 from fwlora.checkpoint import PREVIOUS_DIR
 from fwlora.config import TrainConfig
+from fwlora.data_order import EpochSampler
 from fwlora.device import device_sync
 from fwlora.errors import NonFiniteError, NonFiniteFisherError, TrainingInterrupted, UserError
 from fwlora.methods.base import DataPass, Method
 from fwlora.plan import build_method, plan_run, resolve_head
 from fwlora.records import ADAPTER_DIR, CHECKPOINT_DIR, RunRecord, Status, write_config, write_result
 from fwlora.rundir import environment, prepare_run_dir
+from fwlora.stopping import StopSignals
 from fwlora.tasks import subset, task_for
-from fwlora.trainer import EpochSampler, Setup, StopSignals, Trainer
+from fwlora.trainer import Setup, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ def setup(cfg: TrainConfig) -> Setup:
     task = task_for(cfg)
     head = resolve_head(cfg)
     set_seed(cfg.seed)  # the head's and the adapters' initialisation
-    model, tokenizer = models.load_backbone(cfg.model, task, head, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+    model, tokenizer = models.load_backbone(cfg.model, task, head, dtype=cfg.dtype,
+                                            load_in_4bit=cfg.load_in_4bit)
     data = prepare_data(cfg, task, tokenizer)
     targets = models.resolve_targets(model, cfg.target_modules)
     counts = models.count_params(model, targets)
@@ -115,15 +119,17 @@ def setup(cfg: TrainConfig) -> Setup:
     else:
         model = method.build(model)
     models.check_head_not_adapted(model)
-    return Setup(cfg=cfg, task=task, model=model, tokenizer=tokenizer, train_data=data.train, eval_data=data.eval,
-                 budget=plan.budget, head=head, targets=targets, steps_per_epoch=plan.steps_per_epoch,
-                 total_steps=plan.total_steps, data_source=data.source, method=method, majority=data.majority,
+    return Setup(cfg=cfg, task=task, model=model, tokenizer=tokenizer, train_data=data.train,
+                 eval_data=data.eval, budget=plan.budget, head=head, targets=targets,
+                 steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, data_source=data.source,
+                 method=method, majority=data.majority,
                  notes=notes, data_fingerprint=data.fingerprint, label_names=data.label_names,
                  init_seconds=init_seconds)
 
 
 def training_device() -> torch.device:
-    """The device this process will train on (Accelerate's: its own GPU under torchrun), the CPU without CUDA."""
+    """The device this process will train on (Accelerate's: its own GPU under torchrun); without CUDA the
+    CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     from accelerate import PartialState
@@ -131,10 +137,11 @@ def training_device() -> torch.device:
     return PartialState().device
 
 
-def data_pass(cfg: TrainConfig, task: Any, tokenizer: Any, train_data: list[dict], device: torch.device) -> DataPass:
-    """The run's training batches as the loop draws them (its micro-batch, its seeded order, epoch after epoch),
-    on `device`, and the task's loss. Every process reads the same batches: an initialisation is the same on
-    every rank."""
+def data_pass(cfg: TrainConfig, task: Any, tokenizer: Any, train_data: list[dict],
+              device: torch.device) -> DataPass:
+    """The run's training batches as the loop draws them (its micro-batch, its seeded order, epoch after
+    epoch), on `device`, and the task's loss. Every process reads the same batches: an initialisation is the
+    same on every rank."""
     from accelerate.utils import send_to_device
 
     collate, size = task.collator(tokenizer), cfg.batch_size // cfg.grad_accum
@@ -176,66 +183,72 @@ def timed_build(cfg: TrainConfig, method: Method, model: torch.nn.Module, task: 
 
 # ---- the result --------------------------------------------------------------------------------------------
 
-def timing_summary(t: Trainer) -> dict[str, Any]:
+def timing_summary(trainer: Trainer) -> dict[str, Any]:
     """Times from synchronised clocks (the device's events per step), after an untimed warm-up step; the peak
     memory since the run started (device.PeakMemory says how, and `since` from when)."""
-    steps = t.step_seconds
+    progress, init_seconds = trainer.progress, trainer.setup.init_seconds
+    steps, train_seconds = progress.step_seconds, progress.train_seconds
     out = {
-        "train_seconds": t.train_seconds,
-        "eval_seconds": t.eval_seconds,
-        "optimizer_steps": t.global_step,
-        "examples_per_second": len(t.s.train_data) * t.cfg.epochs / t.train_seconds if t.train_seconds else None,
+        "train_seconds": train_seconds,
+        "eval_seconds": progress.eval_seconds,
+        "optimizer_steps": progress.global_step,
+        "examples_per_second": (len(trainer.setup.train_data) * trainer.cfg.epochs / train_seconds
+                                if train_seconds else None),
         "step_seconds_median": statistics.median(steps) if steps else None,
-        "peak_memory": t.memory.read(),
+        "peak_memory": trainer.memory.read(),
     }
-    if t.s.init_seconds is not None:  # the method's timed build: part of its training time
-        out["init_seconds"] = t.s.init_seconds
-        out["train_seconds"] = t.train_seconds + t.s.init_seconds
-    k = t.method.warmup_steps()
-    if k is not None and steps:
-        k = min(k, len(steps))
-        out["warmup_step_seconds_median"] = statistics.median(steps[:k])
-        out["after_warmup_step_seconds_median"] = statistics.median(steps[k:]) if len(steps) > k else None
-        out["warmup_seconds"] = sum(steps[:k])
+    if init_seconds is not None:  # the method's timed build: part of its training time
+        out["init_seconds"] = init_seconds
+        out["train_seconds"] = train_seconds + init_seconds
+    warmup = trainer.method.warmup_steps()  # a method with a warm-up: its steps timed apart
+    if warmup is not None and steps:
+        warmup = min(warmup, len(steps))
+        out["warmup_step_seconds_median"] = statistics.median(steps[:warmup])
+        after = steps[warmup:]
+        out["after_warmup_step_seconds_median"] = statistics.median(after) if after else None
+        out["warmup_seconds"] = sum(steps[:warmup])
     return out
 
 
-def trained_params(t: Trainer) -> dict[str, Any]:
+def trained_params(trainer: Trainer) -> dict[str, Any]:
     """Adapter parameters trained: at the start, at the end, and averaged over the optimizer steps (a method
     that resizes its adapter, or AdaLoRA's init_r ranks, trains more or fewer than its final budget)."""
-    head = t.s.budget.head_params
-    segments = t.param_counts
-    total = max(t.global_step, 1)
-    weighted = sum((min(end, total) - start) * count for (start, count), end in
-                   zip(segments, [s for s, _ in segments[1:]] + [total]))
-    return {"trained_adapter_params_initial": segments[0][1] - head,
-            "trained_adapter_params_final": segments[-1][1] - head,
+    head = trainer.setup.budget.head_params
+    stretches = trainer.progress.param_counts  # [first step, count] each
+    total = max(trainer.progress.global_step, 1)
+    ends = [start for start, _ in stretches[1:]] + [total]
+    weighted = sum((min(end, total) - start) * count for (start, count), end in zip(stretches, ends))
+    return {"trained_adapter_params_initial": stretches[0][1] - head,
+            "trained_adapter_params_final": stretches[-1][1] - head,
             "trained_adapter_params_mean": weighted / total - head}
 
 
-def summarise(t: Trainer, env: dict, load_seconds: float) -> RunRecord:
-    s, cfg = t.s, t.cfg
-    metric = s.task.metric
-    pick = max if s.task.higher_is_better else min
-    best = pick(t.history, key=lambda h: h[metric])
-    # the update training made, per matrix: the main process alone writes the record, so it alone takes the SVDs
-    deltas = t.method.delta_weights(models.delta_weights(t.unwrapped)) if t.is_main else {}
-    trainable = sum(p.numel() for p in t.params)
+def summarise(trainer: Trainer, env: dict, load_seconds: float) -> RunRecord:
+    run, cfg, method, history = trainer.setup, trainer.cfg, trainer.method, trainer.progress.history
+    metric = run.task.metric
+    pick = max if run.task.higher_is_better else min
+    best = pick(history, key=lambda entry: entry[metric])
+    # the update training made, per matrix: the main process alone writes the record, so it alone takes the
+    # SVDs
+    deltas = method.delta_weights(models.delta_weights(trainer.unwrapped)) if trainer.is_main else {}
+    trainable = sum(p.numel() for p in trainer.params)
     return RunRecord(
         status=Status.COMPLETE, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
-        metric=metric, higher_is_better=s.task.higher_is_better, final=t.history[-1], best=best, epochs=t.history,
-        processes=t.accelerator.num_processes,
-        budget={**s.budget.to_dict(), "trainable_params": trainable, "adapter_trainable_params": trainable - s.budget.head_params,
-                **trained_params(t), "head": s.head, "lora_alpha": t.method.summary().get("lora_alpha"),
-                "targets": s.targets},
-        method_info=t.method.summary(),
-        timing={**timing_summary(t), "load_seconds": load_seconds},
-        matrices=analysis.matrix_table(deltas, **t.method.matrix_columns()) if t.is_main else [],
-        data={"source": s.data_source, "train_examples": len(s.train_data), "eval_examples": len(s.eval_data),
-              "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "majority": s.majority,
-              "fingerprint": s.data_fingerprint, "label_names": s.label_names, "model_kind": s.task.model_kind,
-              "num_labels": s.task.num_labels},
-        notes=s.notes, env=env)
+        metric=metric, higher_is_better=run.task.higher_is_better, final=history[-1], best=best,
+        epochs=history,
+        processes=trainer.accelerator.num_processes,
+        budget={**run.budget.to_dict(), "trainable_params": trainable,
+                "adapter_trainable_params": trainable - run.budget.head_params, **trained_params(trainer),
+                "head": run.head, "lora_alpha": method.summary().get("lora_alpha"), "targets": run.targets},
+        method_info=method.summary(),
+        timing={**timing_summary(trainer), "load_seconds": load_seconds},
+        matrices=analysis.matrix_table(deltas, **method.matrix_columns()) if trainer.is_main else [],
+        data={"source": run.data_source, "train_examples": len(run.train_data),
+              "eval_examples": len(run.eval_data), "steps_per_epoch": run.steps_per_epoch,
+              "total_steps": run.total_steps, "majority": run.majority,
+              "fingerprint": run.data_fingerprint, "label_names": run.label_names,
+              "model_kind": run.task.model_kind, "num_labels": run.task.num_labels},
+        notes=run.notes, env=env)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
@@ -254,57 +267,84 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     run_dir = Path(cfg.output_dir)
     resuming = prepare_run_dir(cfg, resume, overwrite)
     start = time.perf_counter()
-    for existing in (p for p in (run_dir, *run_dir.parents) if p.exists()):  # checked now, made after setup:
-        if not existing.is_dir():  # a bad input is refused before the run directory exists
-            raise UserError(f"--output-dir {run_dir}: {existing} is a file; choose another --output-dir")
-        break
-    s = setup(cfg)
+    check_output_dir(run_dir)  # checked now, made after setup: a bad input is refused before it exists
+    run = setup(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t = Trainer(s, run_dir)
-    env = {**environment(t.accelerator.device, cfg), "fused_adamw": t.fused_adamw, "pin_memory": t.cuda}
+    trainer = Trainer(run, run_dir)
+    env = {**environment(trainer.accelerator.device, cfg), "fused_adamw": trainer.fused_adamw,
+           "pin_memory": trainer.cuda}
     write_config(run_dir, cfg.to_dict(), env)
     if resuming:
-        t.load_checkpoint()
+        trainer.load_checkpoint()
     load_seconds = time.perf_counter() - start
-    if t.is_main:
-        log.info("%s %s on %s: rank %d (budget %s adapter parameters, %.3f %% of %s), trains %s adapter + %s head "
-                 "parameters, %d steps", cfg.method, cfg.task, cfg.model, s.budget.rank, f"{s.budget.adapter_params:,}",
-                 s.budget.percent, f"{s.budget.backbone_params:,}", f"{t._trainable_count() - s.budget.head_params:,}",
-                 f"{s.budget.head_params:,}", s.total_steps)
+    if trainer.is_main:
+        log_start(trainer)
+    fit_or_record_failure(trainer, env, on_epoch_end)
+    trainer.end()
+    record = summarise(trainer, env, load_seconds)
+    if trainer.is_main:
+        save_outputs(trainer, run_dir, record)
+    trainer.accelerator.wait_for_everyone()
+    trainer.method.close()
+    return record
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse an --output-dir that is, or lies under, a file."""
+    for existing in (p for p in (run_dir, *run_dir.parents) if p.exists()):  # the nearest that exists
+        if not existing.is_dir():
+            raise UserError(f"--output-dir {run_dir}: {existing} is a file; choose another --output-dir")
+        break
+
+
+def fit_or_record_failure(trainer: Trainer, env: dict, on_epoch_end: Callable[[dict], None] | None) -> None:
+    """Train; a run stopped by a signal or by divergence writes its result.json (with the epochs done and the
+    step reached) before the error goes on."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
 
     def failed(status: Status, **extra: Any) -> RunRecord:
         return RunRecord(status=status, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
-                         metric=s.task.metric, epochs=t.history, step=t.global_step, env=env, **extra)
+                         metric=trainer.setup.task.metric, epochs=trainer.progress.history,
+                         step=trainer.progress.global_step, env=env, **extra)
 
     try:
         with StopSignals() as stop:
             try:
-                t.fit(stop, on_epoch_end)
+                trainer.fit(stop, on_epoch_end)
             except NonFiniteFisherError as e:  # a NaN/inf gradient inside a method's warm-up statistic
                 raise NonFiniteError(f"{e}; try a lower --lr. The last good checkpoint is kept.") from None
     except TrainingInterrupted:
-        t.end()
-        if t.is_main:
+        trainer.end()
+        if trainer.is_main:
             write_result(run_dir, failed(Status.INTERRUPTED))
         raise
     except NonFiniteError as e:
-        t.end()
-        if t.is_main:
+        trainer.end()
+        if trainer.is_main:
             write_result(run_dir, failed(Status.FAILED, error=str(e)))
         raise
-    t.end()
-    record = summarise(t, env, load_seconds)
-    if t.is_main:
-        with warnings.catch_warnings():
-            # AdaLoRA saves the matrices it pruned to rank 0 as (0, d) tensors, which PEFT mistakes for
-            # ungathered ZeRO-3 / FSDP shards; the adapter is complete and loads back.
-            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
-            t.unwrapped.save_pretrained(str(run_dir / ADAPTER_DIR))
-        s.tokenizer.save_pretrained(str(run_dir / ADAPTER_DIR))  # what `fwlora predict` tokenises with
-        t.method.save_adapter_extras(run_dir / ADAPTER_DIR)
-        write_result(run_dir, record)
-        for name in (CHECKPOINT_DIR, PREVIOUS_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-    t.accelerator.wait_for_everyone()
-    t.method.close()
-    return record
+
+
+def log_start(trainer: Trainer) -> None:
+    cfg, budget = trainer.cfg, trainer.setup.budget
+    log.info("%s %s on %s: rank %d (budget %s adapter parameters, %.3f %% of %s), trains %s adapter + %s "
+             "head parameters, %d steps", cfg.method, cfg.task, cfg.model, budget.rank,
+             f"{budget.adapter_params:,}", budget.percent, f"{budget.backbone_params:,}",
+             f"{trainer._trainable_count() - budget.head_params:,}", f"{budget.head_params:,}",
+             trainer.setup.total_steps)
+
+
+def save_outputs(trainer: Trainer, run_dir: Path, record: RunRecord) -> None:
+    """The main process's last writes: the adapter (with the tokenizer and the method's extras), result.json;
+    the checkpoints go only after the result is written (never lose results)."""
+    adapter_dir = run_dir / ADAPTER_DIR
+    with warnings.catch_warnings():
+        # AdaLoRA saves the matrices it pruned to rank 0 as (0, d) tensors, which PEFT mistakes for
+        # ungathered ZeRO-3 / FSDP shards; the adapter is complete and loads back.
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        trainer.unwrapped.save_pretrained(str(adapter_dir))
+    trainer.setup.tokenizer.save_pretrained(str(adapter_dir))  # what `fwlora predict` tokenises with
+    trainer.method.save_adapter_extras(adapter_dir)
+    write_result(run_dir, record)
+    for name in (CHECKPOINT_DIR, PREVIOUS_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)

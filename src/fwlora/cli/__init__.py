@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_extra()
     if missing:
         print(f"fwlora: the command line needs the experiments extra ({', '.join(missing)} missing): "
-              "pip install 'fwlora[experiments]' (the library alone, `import fwlora`, needs none of it)", file=sys.stderr)
+              "pip install 'fwlora[experiments]' (the library alone, `import fwlora`, needs none of "
+              "it)", file=sys.stderr)
         return 2
     import logging
 

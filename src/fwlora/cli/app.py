@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     methods.load_plugins()  # $FWLORA_METHODS: a user's methods get their --method choice and flags
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Fisher-Weighted LoRA and Fisher-guided rank allocation: train them, and compare them honestly with LoRA and AdaLoRA.",
+        description="Fisher-Weighted LoRA and Fisher-guided rank allocation: train them, and compare them "
+                    "honestly with LoRA and AdaLoRA.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(metrics, timings, per-matrix statistics), adapter/.",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", metavar="FILE", help="YAML or JSON file of training settings")
-    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir from its checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir "
+                                                             "from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace whatever --output-dir holds")
     add_train_flags(train)
     train.set_defaults(handler=cmd_train)
@@ -62,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metric = record.metric
     print(f"{cfg.task} {cfg.method}: final {metric} {record.metric_value('final'):.4f} (best "
           f"{record.metric_value('best'):.4f} at epoch {record.best['epoch']}), training "
-          f"{record.timing['train_seconds']:.1f} s, rank {record.budget['rank']} = {record.budget['percent']:.3f} % "
+          f"{record.timing['train_seconds']:.1f} s, rank {record.budget['rank']} = "
+          f"{record.budget['percent']:.3f} % "
           f"of the backbone -> {cfg.output_dir}")
     return 0
 

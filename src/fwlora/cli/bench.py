@@ -23,15 +23,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the comparison grid (resumable: complete runs are skipped, an interrupted run "
                     "continues from its checkpoint, a failed run is recorded and retried on the next call), "
                     "then write the report into the output directory and print its main table.",
-        epilog="presets: " + ", ".join(preset_names()) + " (see src/fwlora/presets/; a path to your own YAML works too)\n"
+        epilog="presets: " + ", ".join(preset_names()) + " (see src/fwlora/presets/; a path to your own "
+                                                         "YAML works too)\n"
                "examples:\n  fwlora bench --preset quick --output-dir runs/quick\n"
                "  fwlora bench --preset cpu --output-dir runs/cpu\n"
-               "  fwlora bench --tasks cola,sst2 --methods lora,adalora,fwlora --budgets 0.1,0.2,0.5 --seeds 3 \\\n"
+               "  fwlora bench --tasks cola,sst2 --methods lora,adalora,fwlora --budgets 0.1,0.2,0.5 "
+               "--seeds 3 \\\n"
                "      --set model=roberta-base --output-dir runs/mine\n"
-               "  fwlora bench --dataset tickets.csv --text-columns body --label-column team --methods lora,fwrank \\\n"
+               "  fwlora bench --dataset tickets.csv --text-columns body --label-column team --methods "
+               "lora,fwrank \\\n"
                "      --ranks 2 --seeds 3 --output-dir runs/tickets\n"
-               "  for i in 0 1 2 3; do fwlora bench --preset mpnet --output-dir runs/m --worker $i/4 & done; wait\n"
-               "      (4 workers sharing one GPU or one directory; benchmarks/slurm_bench.sh runs a Slurm job array)",
+               "  for i in 0 1 2 3; do fwlora bench --preset mpnet --output-dir runs/m --worker $i/4 & "
+               "done; wait\n"
+               "      (4 workers sharing one GPU or one directory; benchmarks/slurm_bench.sh runs a Slurm "
+               "job array)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a named preset or a YAML file (grid + shared training settings)")
     p.add_argument("--output-dir", required=True, help="where the run directories and the report go")
@@ -46,29 +51,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     own.add_argument("--dataset", help="a .csv, .tsv, .json, .jsonl or .parquet file, or a hub dataset name")
     own.add_argument("--text-columns", help="the text column(s), a[,b]")
     own.add_argument("--label-column", help="the label column (strings/ints: classes; floats: regression)")
-    own.add_argument("--validation", help="evaluation data: a file, a split name, or a held-out fraction (0.1)")
+    own.add_argument("--validation", help="evaluation data: a file, a split name, or a held-out fraction "
+                                          "(0.1)")
     own.add_argument("--prompt-column", help="instruction data: the prompt column")
     own.add_argument("--response-column", help="instruction data: the response column")
     own.add_argument("--messages-column", help="chat data: the messages column")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training setting for every run (YAML value), e.g. --set epochs=1; repeatable")
+                   help="override a training setting for every run (YAML value), e.g. --set epochs=1; "
+                        "repeatable")
     p.add_argument("--no-retry-failed", action="store_true", help="leave runs recorded as failed alone")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--lr-search", action="store_true",
-                   help="equal-effort learning rates: run the preset's lr_search (every column at every lr on the "
-                        "design seed), then write <output-dir>/frozen.yaml with each column's best lr; commit it "
+                   help="equal-effort learning rates: run the preset's lr_search (every column at every lr "
+                        "on the "
+                        "design seed), then write <output-dir>/frozen.yaml with each column's best lr; "
+                        "commit it "
                         "and run the evaluation seeds with it (src/fwlora/lr_search.py says the rule)")
     workers = p.add_argument_group("several workers on one --output-dir (GPUs, machines, a Slurm job array)")
     workers.add_argument("--worker", metavar="I/N",
-                         help="run worker I's share of N (0 <= I < N): the grid's seed/task/budget groups I, I+N, ... "
-                              "(default: $FWLORA_WORKER, else the Slurm array task, else 0/1). Every run is claimed "
+                         help="run worker I's share of N (0 <= I < N): the grid's seed/task/budget groups "
+                              "I, I+N, ... "
+                              "(default: $FWLORA_WORKER, else the Slurm array task, else 0/1). Every run is "
+                              "claimed "
                               "in its directory first, so workers never train one run twice")
     workers.add_argument("--steal", action=argparse.BooleanOptionalAction, default=True,
                          help="after its share, take the groups other workers have not started or left stale "
                               "(a killed worker's runs get done); default on")
     workers.add_argument("--claim-timeout", type=float, default=STALE_AFTER, metavar="SECONDS",
-                         help="a claim without a heartbeat for this long is stale and taken over (a claim of a dead "
+                         help="a claim without a heartbeat for this long is stale and taken over (a claim "
+                              "of a dead "
                               "process on the same host at once); default %(default).0f")
     p.set_defaults(handler=cmd_bench)
 
@@ -85,7 +97,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         searched = {**preset, "grid": grid}
         preset, overrides = lr_search.search_preset(searched), {}
     elif "lr_search" in preset and "lr_choice" not in preset:
-        raise UserError(f"{preset['source']} chooses each method's lr first: run it with --lr-search, commit the "
+        raise UserError(f"{preset['source']} chooses each method's lr first: run it with --lr-search, "
+                        f"commit the "
                         f"{lr_search.FROZEN_FILE} it writes, then run the evaluation seeds with that file")
     else:
         frozen_commit = lr_search.check_committed(preset)
@@ -127,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     last = is_main_process() and not unfinished and _grid_finished(cells)  # the one to write what sums the grid up
     if unfinished:  # held by live workers, or other workers' share (--no-steal): the last one writes the report
         held = sum(s == Outcome.HELD for s in statuses.values())
-        print(f"{len(unfinished)} run(s) left to other workers ({held} held now); the worker that finishes last "
+        print(f"{len(unfinished)} run(s) left to other workers ({held} held now); the worker that finishes "
+              f"last "
               f"writes the report (or run `fwlora report {output_dir}`)", file=sys.stderr)
     if args.lr_search and last:  # a failed run scores as its task's worst lr
         path, choices = lr_search.freeze(searched, output_dir, environment().get("git_commit"))

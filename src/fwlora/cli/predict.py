@@ -1,4 +1,5 @@
-"""`fwlora predict`: a finished run's predictions on a file or on its task's evaluation data (fwlora.inference)."""
+"""`fwlora predict`: a finished run's predictions on a file or on its task's evaluation data
+(fwlora.inference)."""
 
 from __future__ import annotations
 
@@ -14,27 +15,40 @@ from fwlora.errors import UserError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="predictions of a finished run on a file or on its evaluation data",
-        description="Load a finished run (its backbone, head, adapter and tokenizer) and write one row per example: "
-                    "classification the label and each class's probability, regression the value, an instruction "
-                    "run the generated response. Without --dataset: the run's own evaluation data (its task's "
-                    "validation split, or its held-out slice). Batched and length-sorted; rows come out in input "
+        description="Load a finished run (its backbone, head, adapter and tokenizer) and write one row per "
+                    "example: "
+                    "classification the label and each class's probability, regression the value, an "
+                    "instruction "
+                    "run the generated response. Without --dataset: the run's own evaluation data (its "
+                    "task's "
+                    "validation split, or its held-out slice). Batched and length-sorted; rows come out in "
+                    "input "
                     "order. Where the data has the run's labels, the metrics are printed too.",
         epilog="examples:\n  fwlora predict runs/cola-lora --output preds.csv\n"
-               "  fwlora predict runs/tickets --dataset new_tickets.csv --text-columns body --output preds.csv\n"
-               "  fwlora predict runs/sharegpt-lora --dataset prompts.jsonl --prompt-column prompt --max-new-tokens 64",
+               "  fwlora predict runs/tickets --dataset new_tickets.csv --text-columns body --output "
+               "preds.csv\n"
+               "  fwlora predict runs/sharegpt-lora --dataset prompts.jsonl --prompt-column prompt "
+               "--max-new-tokens 64",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a complete run directory (fwlora train / bench)")
-    p.add_argument("--dataset", help="a .csv, .tsv, .json, .jsonl or .parquet file (default: the run's evaluation data)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a complete run directory (fwlora train / "
+                                                                 "bench)")
+    p.add_argument("--dataset", help="a .csv, .tsv, .json, .jsonl or .parquet file (default: the run's "
+                                     "evaluation data)")
     p.add_argument("--text-columns", help="the text column(s), a[,b] (default: the run's)")
     p.add_argument("--prompt-column", help="instruction runs: the prompt column (default: prompt)")
-    p.add_argument("--label-column", help="a label column to score the predictions against (default: the run's, "
+    p.add_argument("--label-column", help="a label column to score the predictions against (default: the "
+                                          "run's, "
                                           "where the file has it)")
-    p.add_argument("--output", type=Path, help="where the predictions go: .csv or .jsonl (default: print JSON lines)")
+    p.add_argument("--output", type=Path, help="where the predictions go: .csv or .jsonl (default: print "
+                                               "JSON lines)")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="instruction runs: the generation limit (default: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="instruction runs: the generation limit "
+                                                                   "(default: 256)")
     p.add_argument("--limit", type=int, help="predict the first N examples only")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda "
-                                                    "or cuda:N; the model runs in the dtype it was trained in")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), "
+                                                    "cpu, cuda "
+                                                    "or cuda:N; the model runs in the dtype it was trained "
+                                                    "in")
     p.set_defaults(handler=cmd_predict)
 
 

@@ -1,4 +1,5 @@
-"""`fwlora sweep`: arguments, settings and output of the hyper-parameter search (fwlora.sweep does the work)."""
+"""`fwlora sweep`: arguments, settings and output of the hyper-parameter search (fwlora.sweep does the
+work)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import sys
 import yaml
 
 from fwlora import methods
-from fwlora.cli.flags import add_train_flags, collect_train_settings
-from fwlora.config import TrainConfig, config_fields
+from fwlora.cli.flags import add_train_flags, collect_train_settings, given_settings
+from fwlora.config import TrainConfig
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.sweep import (GRACE_ENV, GRACE_SECONDS, HEARTBEAT_ENV, HEARTBEAT_SECONDS, OBJECTIVES, PRUNERS,
                           SweepConfig, default_space, load_space, run_sweep)
@@ -51,8 +52,9 @@ outputs in --output-dir: best_params.json, importance.json, plots/*.png, best_<m
 
 def epilog() -> str:
     """EPILOG with the default space as YAML (the registered methods' entries included)."""
-    lines = [f"  {name}: " + yaml.safe_dump(p.to_dict(), default_flow_style=True, sort_keys=False, width=1000).strip()
-             for name, p in default_space().items()]
+    lines = [f"  {name}: " + yaml.safe_dump(param.to_dict(), default_flow_style=True, sort_keys=False,
+                                             width=1000).strip()
+             for name, param in default_space().items()]
     return EPILOG.format(space="\n".join(lines))
 
 
@@ -70,7 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="hyper-parameter search with Optuna (resumable, several workers or machines)",
         description="Search the learning rate, rank, batch size and each method's own settings with Optuna\n"
-                    "(TPE sampler, median pruner): one study per method, each with the same number of trials;\n"
+                    "(TPE sampler, median pruner): one study per method, each with the same number of "
+                    "trials;\n"
                     "then write the best configuration per method, importances, plots and a bench preset.",
         epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of the fixed training settings")
@@ -78,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trial runs, the default journal storage and the outputs (default: runs/sweep)")
     p.add_argument("--methods", help="comma-separated methods, one study each with the same --trials "
                                      f"(instead of --method): {', '.join(methods.names())}")
-    p.add_argument("--trials", type=int, default=20, help="total trials per method over all workers (default: 20)")
+    p.add_argument("--trials", type=int, default=20, help="total trials per method over all workers "
+                                                          "(default: 20)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: a journal file path, sqlite:///FILE, postgresql://..., mysql://..., "
                         "redis://... (default: <output-dir>/optuna.journal)")
@@ -86,10 +90,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds-per-trial", type=int, default=1, metavar="N",
                    help="train each trial with seeds S..S+N-1 (S = --seed) and average (default: 1)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
-    p.add_argument("--study-name", metavar="PREFIX", help="prefix of the study names (studies: [PREFIX-]<task>-<method>)")
+    p.add_argument("--study-name", metavar="PREFIX", help="prefix of the study names (studies: "
+                                                          "[PREFIX-]<task>-<method>)")
     p.add_argument("--objective", choices=OBJECTIVES, default="final",
                    help="the metric at the final epoch, or each run's best epoch (default: final)")
-    p.add_argument("--pruner", choices=PRUNERS, default="median", help="median pruner or none (default: median)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="median pruner or none (default: "
+                                                                       "median)")
     p.add_argument("--prune-startup-trials", type=int, default=5, metavar="N",
                    help="no pruning until N trials are complete (default: 5)")
     p.add_argument("--prune-from-epoch", type=int, default=2, metavar="E",
@@ -98,7 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"database storages: a running trial records a heartbeat every S seconds "
                         f"(default: ${HEARTBEAT_ENV}, else {HEARTBEAT_SECONDS})")
     p.add_argument("--grace-seconds", type=int, metavar="S",
-                   help=f"database storages: a trial without a heartbeat for S seconds is failed and replaced "
+                   help=f"database storages: a trial without a heartbeat for S seconds is failed and "
+                        f"replaced "
                         f"(default: ${GRACE_ENV}, else {GRACE_SECONDS})")
     add_train_flags(p, skip=("output_dir",))
     p.set_defaults(handler=cmd_sweep)
@@ -107,8 +114,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """Settings from --config < flags; a flag given on the command line takes its setting out of the space."""
     settings = collect_train_settings(args)
-    names = [f.name for f in config_fields()] + list(methods.all_settings())
-    given = {n for n in names if getattr(args, n, None) is not None}
+    given = set(given_settings(args))
     if args.methods and args.method:
         raise UserError("give --method or --methods, not both")
     if args.methods:
@@ -124,10 +130,13 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     for name in sorted(fixed):
         log.info("%s fixed at %r by --%s: not searched", name, settings.get(name), name.replace("_", "-"))
         del space[name]
-    heartbeat = args.heartbeat_seconds if args.heartbeat_seconds is not None else _env_seconds(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
+    heartbeat = args.heartbeat_seconds
+    if heartbeat is None:
+        heartbeat = _env_seconds(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
     grace = args.grace_seconds if args.grace_seconds is not None else _env_seconds(GRACE_ENV, GRACE_SECONDS)
-    return SweepConfig(methods=chosen, settings=settings, space=space, trials=args.trials, output_dir=args.output_dir,
-                       storage=args.storage, seeds_per_trial=args.seeds_per_trial, sampler_seed=args.sampler_seed,
+    return SweepConfig(methods=chosen, settings=settings, space=space, trials=args.trials,
+                       output_dir=args.output_dir, storage=args.storage, seeds_per_trial=args.seeds_per_trial,
+                       sampler_seed=args.sampler_seed,
                        study_prefix=args.study_name, objective=args.objective, pruner=args.pruner,
                        prune_startup_trials=args.prune_startup_trials, prune_from_epoch=args.prune_from_epoch,
                        heartbeat_seconds=heartbeat, grace_seconds=grace)
@@ -144,18 +153,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with quiet_transformers():
             outcome = run_sweep(cfg)
     except TrainingInterrupted as e:
-        raise TrainingInterrupted(f"sweep stopped ({e}); the trial is recorded as failed and will be replaced: "
+        raise TrainingInterrupted(f"sweep stopped ({e}); the trial is recorded as failed and will be "
+                                  f"replaced: "
                                   "run the same command again to continue", e.signum) from None
     except KeyboardInterrupt:  # a signal outside a run's training loop (loading, evaluating the study)
         print("fwlora: sweep stopped; a running trial is recorded as failed and will be replaced: "
               "run the same command again to continue", file=sys.stderr)
         raise
     print(outcome["summary"])
-    print(f"outputs in {cfg.output_dir}: sweep_summary.md, best_params.json, importance.json, best_<method>.yaml, "
+    print(f"outputs in {cfg.output_dir}: sweep_summary.md, best_params.json, importance.json, "
+          f"best_<method>.yaml, "
           "tuned_preset.yaml, plots/")
     empty = [m for m, e in outcome["best"].items() if "value" not in e and not e["trials"]["running"]]
     if empty and cfg.trials > 0:
-        print(f"no complete trial for {', '.join(empty)} (see the trials' fail_reason / pruned_reason in the study)",
+        print(f"no complete trial for {', '.join(empty)} (see the trials' fail_reason / pruned_reason in "
+              f"the study)",
               file=sys.stderr)
         return 1
     return 0

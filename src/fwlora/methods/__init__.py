@@ -1,5 +1,5 @@
 """Methods as plug-ins: each is a folder (its settings, its math, its plug-in), behind one interface
-(base.py) and one registry (registry.py). The warm-up statistic FW-LoRA and fwrank share is gradients.py.
+(base.py) and one registry (registry.py). The warm-up statistic FW-LoRA and fwrank share is gradients/.
 
 Built in: lora, adalora, fwlora, fwrank, widecut, loraone, gora, and PEFT's LoRA family (peft_lora.py:
 rslora, dora, pissa, olora, loraga, eva, loraplus). A method of your own is one file:

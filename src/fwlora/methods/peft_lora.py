@@ -25,7 +25,7 @@ from torch import nn
 from fwlora.errors import UserError
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.lora import default_alpha
-from fwlora.methods.lowrank import LowRank, peft_delta
+from fwlora.lowrank import LowRank, peft_delta
 
 WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
 

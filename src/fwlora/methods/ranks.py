@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fwlora.checks import is_int
 from fwlora.errors import MethodError
-from fwlora.methods.gradients import is_int
-from fwlora.methods.lowrank import LowRank, lora_delta
+from fwlora.lowrank import LowRank, lora_delta
 
 
 # ---- allocation rules --------------------------------------------------------------------------------------

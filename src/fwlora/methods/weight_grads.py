@@ -10,7 +10,7 @@ the pass; a post-accumulate hook folds each weight's gradient into a float32 (or
 it at once, so one weight-sized gradient lives at a time besides the accumulators, and every other parameter's
 .grad is left as it was. The model runs in train mode (dropout on), as training and both authors' code do.
 
-Depends on torch, fwlora.errors and methods/gradients.py only.
+Depends on torch, fwlora.errors and methods/gradients/ only.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ importance.json, plots/<study>-history.png and -parallel.png, best_<method>.yaml
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from fwlora.config import TrainConfig
-from fwlora.files import write_json, write_text_atomic
+from fwlora.files import write_atomic, write_json, write_text_atomic
 from fwlora.sweep.config import PER_CELL, SweepConfig, counts_toward_total
 from fwlora.sweep.space import format_params
 from fwlora.tasks import task_for
@@ -91,10 +90,8 @@ def write_plots(study: "optuna.Study", directory: Path) -> dict[str, str]:
         ax.set_title(f"{study.study_name}: {ax.get_title()}")
         fig = ax.figure
         fig.set_size_inches(9, 5)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # workers may export at once
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, path)
         out[kind] = str(path)
     return out
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fwlora import methods, records, tasks
+from fwlora.claims import pid_alive
 from fwlora.config import TrainConfig
 from fwlora.errors import FWLoRAError, NonFiniteError, TrainingInterrupted, UserError
 from fwlora.plan import build_method, plan_without_training
@@ -59,16 +60,6 @@ def infeasible_reason(cfg: TrainConfig, n_train: int) -> str | None:
     except FWLoRAError as e:  # UserError and the method's own setting errors
         return f"{e} (batch_size {cfg.batch_size}, {cfg.epochs} epochs of {n_train} examples: {plan.total_steps} steps)"
     return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Sweep:

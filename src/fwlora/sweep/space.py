@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fwlora import methods
+from fwlora.checks import is_finite_real
 from fwlora.config import TrainConfig, config_fields, load_config_file, type_name
 from fwlora.errors import UserError
 
@@ -71,10 +72,6 @@ class Param:
         if self.methods is not None:
             out["methods"] = list(self.methods)
         return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _yaml_number(value: Any) -> Any:
@@ -155,7 +152,7 @@ def parse_param(name: str, entry: Any, source: str) -> Param:
         raise UserError(f"{where}: an integer setting: use type int or categorical")
     low, high = _yaml_number(entry.get("low")), _yaml_number(entry.get("high"))
     log_scale, step = entry.get("log", False), _yaml_number(entry.get("step"))
-    if not (_is_number(low) and _is_number(high)):
+    if not (is_finite_real(low) and is_finite_real(high)):
         raise UserError(f"{where}: low and high must be finite numbers, got {low!r} and {high!r}")
     if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
         raise UserError(f"{where}: type int needs integer low and high, got {low!r} and {high!r}")
@@ -166,7 +163,7 @@ def parse_param(name: str, entry: Any, source: str) -> Param:
     if log_scale and low <= 0:
         raise UserError(f"{where}: a log scale needs low > 0, got {low}")
     if step is not None:
-        if not (_is_number(step) and step > 0) or (kind == "int" and not isinstance(step, int)):
+        if not (is_finite_real(step) and step > 0) or (kind == "int" and not isinstance(step, int)):
             raise UserError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
         if log_scale:
             raise UserError(f"{where}: give log or step, not both (Optuna cannot combine them)")

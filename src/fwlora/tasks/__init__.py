@@ -1,5 +1,6 @@
 """Tasks: the Task interface and registry (base.py), GLUE classification (glue.py), instruction tuning
-(instruct.py, gsm8k.py, sharegpt.py) and a user's own data file (files.py)."""
+(instruct.py, gsm8k.py, sharegpt.py, chat.py; batches and loss in causal_lm.py) and a user's own data file
+(files.py; reading in tables.py, labels in labels.py)."""
 
 from fwlora.tasks.base import (CAUSAL_LM, DATA_DIR_ENV, SEQUENCE_CLASSIFICATION, Task, get_task, holdout_split,
                                read_lines, register_task, resolve_data_dir, subset, task_names)

@@ -9,6 +9,7 @@ from its path and columns (files.py).
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import random
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from fwlora.errors import DataError, UserError
 
 DATA_DIR_ENV = "FWLORA_DATA_DIR"
-SEQUENCE_CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"  # = models.MODEL_KINDS
+SEQUENCE_CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"  # the model kinds (models.py builds them)
 
 
 @runtime_checkable
@@ -125,6 +126,30 @@ def read_lines(path: Path, expected: str) -> list[str]:
     if lines[-1] == "":  # the file's final line end
         lines.pop()
     return lines
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, value) for each line of a JSON Lines file; every problem is one DataError naming the
+    file and line. Lines end at LF (a CR before it is dropped); a final line end is optional; an empty line
+    is an error (JSON Lines has exactly one value per line); a UTF-8 BOM is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    lines = read_lines(path, "one JSON object per line")
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            raise DataError(f"{path}:{lineno}: empty line (JSON Lines has one JSON object per line)")
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
+    if not rows:
+        raise DataError(f"{path}: the file has no lines")
+    return rows
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:

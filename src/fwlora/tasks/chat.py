@@ -16,7 +16,8 @@ from typing import Any
 
 from fwlora.errors import DataError, UserError
 from fwlora.tasks.base import type_name
-from fwlora.tasks.instruct import IGNORE_INDEX, InstructionTask
+from fwlora.tasks.causal_lm import IGNORE_INDEX
+from fwlora.tasks.instruct import InstructionTask
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ evaluation reference is the final number of the whole answer, cut or not.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,16 +37,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fwlora.errors import DataError, UserError
-from fwlora.tasks.base import (CAUSAL_LM, HOLDOUT_SEED, holdout_split, hub_dataset, read_lines, register_task,
+from fwlora.tasks.base import (CAUSAL_LM, HOLDOUT_SEED, holdout_split, hub_dataset, read_jsonl, register_task,
                                resolve_data_dir, type_name)
+from fwlora.tasks.causal_lm import IGNORE_INDEX, CausalLMCollator, response_nll, vocab_size
 from fwlora.tasks.gsm8k import GSM8K_TEST_PACKAGE, generate_exact_match, gsm8k_final_number, locate_gsm8k_test
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and transformers' LM loss) skips
 DEFAULT_MAX_NEW_TOKENS = 256
-# elements of float32 logits per forward pass in evaluation (512 MiB): rows are chunked to stay under it
-LOGITS_BUDGET = 1 << 27
 
 
 # ---- examples and files ----------------------------------------------------------------------------
@@ -94,30 +91,6 @@ def example_from_row(row: Any, fields: Fields, where: str) -> InstructExample:
         values[key] = value
     return InstructExample(values[fields.instruction], values[fields.context] if fields.context else "",
                            values[fields.response])
-
-
-def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, value) for each line of a JSON Lines file; every problem is one DataError naming the
-    file and line. Lines end at LF (a CR before it is dropped); a final line end is optional; an empty line
-    is an error (JSON Lines has exactly one value per line); a UTF-8 BOM is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    lines = read_lines(path, "one JSON object per line")
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            raise DataError(f"{path}:{lineno}: empty line (JSON Lines has one JSON object per line)")
-        try:
-            rows.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
-    if not rows:
-        raise DataError(f"{path}: the file has no lines")
-    return rows
 
 
 def read_examples(path: Path, fields: Fields) -> list[InstructExample]:
@@ -184,65 +157,6 @@ def encode_instruction(example: InstructExample, tokenizer: Any, max_length: int
     if max_length < 2:
         raise UserError(f"--max-length {max_length} is too short for an instruction task (prompt + response)")
     return _encode_one(example, tokenizer, max_length)[0]
-
-
-# ---- batching and evaluation -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CausalLMCollator:
-    """Right-pads input_ids with the pad token, attention_mask with 0 and labels with -100. The evaluation
-    collator also carries `prompt_length` (a tensor) and `reference` (a list of str | None)."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    evaluation: bool = False
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), length), dtype=torch.long)
-        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
-            mask[i, :n] = torch.tensor(f["attention_mask"], dtype=torch.long)
-            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if self.evaluation:
-            batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
-            batch["reference"] = [f.get("reference") for f in features]
-        return batch
-
-
-def response_nll(model: Any, batch: dict[str, Any], vocab_size: int | None = None) -> tuple[Any, Any]:
-    """(summed negative log-likelihood of the response tokens, their count), per example.
-
-    Rows are run in chunks so that the float32 logits stay under LOGITS_BUDGET elements.
-    """
-    import torch
-    from torch.nn import functional as F
-
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    rows = max(1, LOGITS_BUDGET // max(1, ids.shape[1] * (vocab_size or 1 << 16)))
-    nll, count = [], []
-    for start in range(0, ids.shape[0], rows):
-        sl = slice(start, start + rows)
-        logits = model(input_ids=ids[sl], attention_mask=mask[sl]).logits[:, :-1].float()
-        target = labels[sl, 1:]
-        nll.append(F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none").sum(1))
-        count.append((target != IGNORE_INDEX).sum(1))
-    return torch.cat(nll), torch.cat(count)
-
-
-def _vocab_size(model: Any) -> int | None:
-    get = getattr(model, "get_output_embeddings", None)
-    emb = get() if get is not None else None
-    return int(emb.weight.shape[0]) if emb is not None else None
 
 
 # ---- the tasks -------------------------------------------------------------------------------------
@@ -362,7 +276,7 @@ class InstructionTask:
 
         limit = max_new_tokens or self.max_new_tokens
         unwrapped = accelerator.unwrap_model(model)
-        vocab = _vocab_size(unwrapped)
+        vocab = vocab_size(unwrapped)
         was_training = model.training
         model.eval()
         nll_total, tokens, hits, examples = 0.0, 0, 0, 0

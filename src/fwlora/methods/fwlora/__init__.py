@@ -1,7 +1,7 @@
 """FW-LoRA: plain LoRA plus a Fisher-weighted penalty on each matrix's update (docs/method.md).
 
 config.py (settings), penalty.py (the Gram-form norm and the weights), fisher_weighted.py (the warm-up and
-the penalty on a PEFT model; torch + peft + ../gradients.py), plugin.py (the experiment system's hooks).
+the penalty on a PEFT model; torch + peft + ../gradients/), plugin.py (the experiment system's hooks).
 """
 
 from fwlora.methods.fwlora.config import FWLoRAConfig

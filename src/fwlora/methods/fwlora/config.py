@@ -1,13 +1,13 @@
 """FW-LoRA's settings. Defaults are the method's own (docs/method.md); the warm-up fields are shared with
-fwrank (methods/gradients.py: WarmupConfig)."""
+fwrank (methods/gradients/: WarmupConfig)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fwlora.methods.gradients import WarmupConfig, is_real
+from fwlora.checks import is_finite_real
+from fwlora.methods.gradients import WarmupConfig
 
 
 @dataclass(kw_only=True)
@@ -26,7 +26,7 @@ class FWLoRAConfig(WarmupConfig):
     gamma: float = field(default=1.0, metadata={"help": "exponent of the 'mean' normalisation (0: uniform weights)"})
 
     def __post_init__(self) -> None:
-        if not is_real(self.lambda_fw) or not math.isfinite(self.lambda_fw) or self.lambda_fw < 0:
+        if not is_finite_real(self.lambda_fw) or self.lambda_fw < 0:
             raise self.bad("lambda_fw", "must be a finite number >= 0")
         super().__post_init__()
         if self.estimator not in ("exact", "sketch"):
@@ -35,5 +35,5 @@ class FWLoRAConfig(WarmupConfig):
             raise self.bad("sketch_size", "must be an integer >= 1 (estimator='exact' measures G itself)")
         if self.normalization not in ("sum", "max", "mean"):
             raise self.bad("normalization", "must be 'sum', 'max' or 'mean'")
-        if not is_real(self.gamma) or not math.isfinite(self.gamma) or self.gamma < 0:
+        if not is_finite_real(self.gamma) or self.gamma < 0:
             raise self.bad("gamma", "must be a finite number >= 0")

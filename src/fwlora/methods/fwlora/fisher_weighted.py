@@ -2,7 +2,7 @@
 
 During a warm-up of K optimizer steps it keeps, for every LoRA-adapted linear layer m, an exponential
 moving average of g_m(t) = ||dL_t / dW_m||_F^2, the squared Frobenius norm of the step's gradient with
-respect to the frozen weight W_m (measured by methods/gradients.py without autograd's weight gradients):
+respect to the frozen weight W_m (measured by methods/gradients/ without autograd's weight gradients):
 
     F_m <- beta * F_m + (1 - beta) * g_m(t)                     (t = 1..K, F_m = 0 at the start)
 
@@ -10,7 +10,7 @@ After step K the scores are frozen and normalised once, I_m = F_m / sum_m' F_m',
 
     L_total = L_task + lambda * sum_m (1 - I_m) * ||s_m B_m A_m||_F^2.
 
-Depends on torch, peft, fwlora.errors and methods/gradients.py only: copy this folder and that file to
+Depends on torch, peft, fwlora.errors / files / checks and methods/gradients/ only: copy this folder and that one to
 have FW-LoRA in another project.
 """
 

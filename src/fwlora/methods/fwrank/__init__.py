@@ -1,6 +1,6 @@
 """fwrank: the ranks of a LoRA model re-allocated once, after a measuring warm-up, under LoRA's budget.
 
-config.py (settings), allocation.py (the library class; torch + peft + ../gradients.py + ../ranks.py, where the
+config.py (settings), allocation.py (the library class; torch + peft + ../gradients/ + ../ranks.py, where the
 allocation rules and the live resize live, shared with widecut), plugin.py (the experiment system's hooks).
 """
 

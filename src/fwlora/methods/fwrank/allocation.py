@@ -1,6 +1,6 @@
 """fwrank: rank allocation for PEFT LoRA, measured during a warm-up, applied once (docs/method.md).
 
-Train plain LoRA for K optimizer steps while the warm-up statistic (methods/gradients.py) sees every adapted
+Train plain LoRA for K optimizer steps while the warm-up statistic (methods/gradients/) sees every adapted
 layer's input x and output gradient g, then give each matrix m a rank r_m under a hard budget and resize the
 live model once (methods/ranks.py: the rules and the resize every rank-allocating method shares). The
 statistic, per layer, is an EMA of the second moment of G = dL/dW on its smaller side (k = min(d_in, d_out)):
@@ -11,8 +11,8 @@ statistic, per layer, is an EMA of the second moment of G = dL/dW on its smaller
 Its eigenvalues at step K are the gradient's spectrum; trace M is an unbiased estimate of FW-LoRA's
 F_m = EMA ||G_m||_F^2. M and the mean gradient are float64 on every device, as FW-LoRA's F (stat_dtype; MPS alone
 has no float64): the allocation then does not depend on where the run happened, and the k x k EMA costs little
-next to the step (p k^2 multiply-adds per layer). Depends on torch, peft, fwlora.errors, methods/gradients.py,
-methods/lowrank.py and methods/ranks.py only.
+next to the step (p k^2 multiply-adds per layer). Depends on torch, peft, fwlora.errors / files / checks,
+methods/gradients/, methods/lowrank.py and methods/ranks.py only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 
 from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.fwrank.config import FWRankConfig
-from fwlora.methods.lowrank import lora_delta
+from fwlora.lowrank import lora_delta
 from fwlora.methods.ranks import (ResizeReport, allocate_proportional, allocate_spectrum, lora_tuner, output_energy,
                                   resize_lora_ranks, uniform_ranks, update_spectrum)
 from fwlora.methods.gradients import (GradientHooks, GradientStatistic, check_reachable, find_lora_layers, is_fraction,

@@ -1,11 +1,12 @@
-"""fwrank's settings; the warm-up fields are shared with FW-LoRA (methods/gradients.py: WarmupConfig)."""
+"""fwrank's settings; the warm-up fields are shared with FW-LoRA (methods/gradients/: WarmupConfig)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fwlora.methods.gradients import WarmupConfig, is_int
+from fwlora.checks import is_int
+from fwlora.methods.gradients import WarmupConfig
 
 RULES = ("spectrum", "proportional", "update", "uniform", "energy", "snr")
 

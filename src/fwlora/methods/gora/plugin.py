@@ -19,11 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fwlora.checks import is_int, is_real
 from fwlora.errors import MethodError, UserError
+from fwlora.files import write_text_atomic
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.gora.allocation import REDUCTIONS, gora_ranks, importance
 from fwlora.methods.gora.init import fit_b
-from fwlora.methods.gradients import find_lora_layers, is_int, is_real, same_on_every_process
+from fwlora.methods.gradients import find_lora_layers, same_on_every_process
 from fwlora.methods.ranks import refresh_optimizer, resize_lora_ranks
 from fwlora.methods.registry import register
 from fwlora.methods.weight_grads import base_weight, weight_gradients
@@ -118,11 +120,7 @@ class GoRA(Method):
         refresh_optimizer(optimizer, self.model)
 
     def save_state(self, directory: Path) -> None:
-        path = Path(directory) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ranks": self.ranks, "importances": self.importances}), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(Path(directory) / STATE_FILE, json.dumps({"ranks": self.ranks, "importances": self.importances}))
 
     def load_state(self, directory: Path) -> bool:
         """Take the saved ranks (a resumed run's gradient pass could differ in the last bit); True if that

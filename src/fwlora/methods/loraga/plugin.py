@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from fwlora.checks import is_int
 from fwlora.errors import MethodError, UserError
 from fwlora.methods.base import with_help
 from fwlora.methods.peft_lora import ResidualInit
@@ -35,7 +36,7 @@ class LoraGASettings:
     def __post_init__(self) -> None:
         for name in ("batches", "stable_gamma"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UserError(f"loraga-{name.replace('_', '-')} = {value!r}: must be an integer >= 1")
         if self.direction not in DIRECTIONS:
             raise UserError(f"loraga-direction = {self.direction!r}: use one of {', '.join(DIRECTIONS)}")

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fwlora.checks import is_int, is_real
 from fwlora.errors import MethodError, UserError
 from fwlora.methods.base import Method, lora_config
-from fwlora.methods.gradients import find_lora_layers, is_int, is_real
+from fwlora.methods.gradients import find_lora_layers
 from fwlora.methods.loraone.init import precondition_, spectral_init
 from fwlora.methods.registry import register
 from fwlora.methods.weight_grads import weight_gradients

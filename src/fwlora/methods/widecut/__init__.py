@@ -1,6 +1,6 @@
 """widecut: LoRA trained wide, cut once to LoRA's budget (release 3, built on the decomposition of AdaLoRA's edge).
 
-config.py (settings), cut.py (the library class; torch + peft + ../gradients.py + ../ranks.py), plugin.py.
+config.py (settings), cut.py (the library class; torch + peft + ../gradients/ + ../ranks.py), plugin.py.
 """
 
 from fwlora.methods.widecut.config import WideCutConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from fwlora.checks import is_fraction, is_int
 from fwlora.errors import MethodError
-from fwlora.methods.gradients import is_fraction, is_int
 
 RULES = ("uniform", "update", "energy")
 

@@ -6,7 +6,8 @@ every matrix at r, or a greedy on what it learned) and is cut to the best rank-r
 learned dW = s B A; training then goes on at those shapes. No statistic is measured on the way (the rule
 `energy` looks at the inputs of the cut step alone), so until the cut each step is LoRA's at the width.
 
-Depends on torch, peft, fwlora.errors, methods/gradients.py, methods/lowrank.py and methods/ranks.py only.
+Depends on torch, peft, fwlora.errors / files / checks, methods/gradients/, methods/lowrank.py and
+methods/ranks.py only.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from fwlora.errors import MethodError
+from fwlora.files import write_text_atomic
 from fwlora.methods.gradients import (GradientHooks, check_reachable, find_lora_layers, is_fraction,
                                       same_on_every_process, single_active_adapter)
-from fwlora.methods.lowrank import lora_delta
+from fwlora.lowrank import lora_delta
 from fwlora.methods.ranks import (ResizeReport, allocate_spectrum, lora_tuner, output_energy, resize_lora_ranks,
                                   uniform_ranks, update_spectrum)
 from fwlora.methods.widecut.config import WideCutConfig
@@ -144,12 +146,7 @@ class WideCut:
             self._apply_ranks()
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state_dict()), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(Path(directory) / STATE_FILE, json.dumps(self.state_dict()))
 
     def load(self, directory: str | Path) -> None:
         path = Path(directory) / STATE_FILE
