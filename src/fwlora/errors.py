@@ -42,3 +42,8 @@ class TrainingInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def bad_setting(settings: object, name: str, why: str) -> MethodError:
+    """The error for one field of a method's settings dataclass: 'Class.field = value: why'."""
+    return MethodError(f"{type(settings).__name__}.{name} = {getattr(settings, name)!r}: {why}")

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from fwlora.errors import UserError

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fwlora.checks import is_int, is_real
-from fwlora.errors import MethodError, UserError
+from fwlora.errors import MethodError, UserError, bad_setting
 from fwlora.files import write_text_atomic
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.gora.allocation import REDUCTIONS, gora_ranks, importance
@@ -49,19 +49,16 @@ class GoRASettings:
         "help": "a matrix's importance: 'mean' of |W * G| (the paper's) or its 'sum' (larger matrices weigh more)"})
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> MethodError:
-            return MethodError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: {why}")
-
         if not is_int(self.batches) or self.batches < 1:
-            raise bad("batches", "must be an integer >= 1")
+            raise bad_setting(self, "batches", "must be an integer >= 1")
         if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
-            raise bad("gamma", "must be a finite number > 0")
+            raise bad_setting(self, "gamma", "must be a finite number > 0")
         for name in ("min_rank", "max_rank"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
-                raise bad(name, "must be an integer >= 1, or None for the paper's default")
+                raise bad_setting(self, name, "must be an integer >= 1, or None for the paper's default")
         if self.importance_reduce not in REDUCTIONS:
-            raise bad("importance_reduce", "must be one of " + ", ".join(f"'{r}'" for r in REDUCTIONS))
+            raise bad_setting(self, "importance_reduce", "must be one of " + ", ".join(f"'{r}'" for r in REDUCTIONS))
 
     def bounds(self, rank: int) -> tuple[int, int]:
         """(r_min, r_max) at the run's rank."""

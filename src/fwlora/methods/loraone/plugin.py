@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fwlora.checks import is_int, is_real
-from fwlora.errors import MethodError, UserError
+from fwlora.errors import UserError, bad_setting
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.gradients import find_lora_layers
 from fwlora.methods.loraone.init import precondition_, spectral_init
@@ -41,17 +41,14 @@ class LoRAOneSettings:
         "help": "eps of the preconditioner's (B^T B + eps I) and (A A^T + eps I)"})
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> MethodError:
-            return MethodError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: {why}")
-
         if not is_int(self.batches) or self.batches < 1:
-            raise bad("batches", "must be an integer >= 1")
+            raise bad_setting(self, "batches", "must be an integer >= 1")
         if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
-            raise bad("gamma", "must be a finite number > 0")
+            raise bad_setting(self, "gamma", "must be a finite number > 0")
         if self.preconditioner not in PRECONDITIONERS:
-            raise bad("preconditioner", "must be one of " + ", ".join(f"'{p}'" for p in PRECONDITIONERS))
+            raise bad_setting(self, "preconditioner", "must be one of " + ", ".join(f"'{p}'" for p in PRECONDITIONERS))
         if not is_real(self.precondition_eps) or not 0 < self.precondition_eps < float("inf"):
-            raise bad("precondition_eps", "must be a finite number > 0")
+            raise bad_setting(self, "precondition_eps", "must be a finite number > 0")
 
 
 @register

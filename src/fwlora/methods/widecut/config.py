@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fwlora.checks import is_fraction, is_int
-from fwlora.errors import MethodError
+from fwlora.errors import MethodError, bad_setting
 
 RULES = ("uniform", "update", "energy")
 
@@ -27,17 +27,14 @@ class WideCutConfig:
     r_max: int = field(default=8, metadata={"help": "largest rank one matrix may keep (the rules update and energy)"})
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> MethodError:
-            return MethodError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: {why}")
-
         if self.target_rank is not None and (not is_int(self.target_rank) or self.target_rank < 1):
-            raise bad("target_rank", "must be an integer >= 1, or None for the adapter's r")
+            raise bad_setting(self, "target_rank", "must be an integer >= 1, or None for the adapter's r")
         if not is_fraction(self.cut_at) and (not is_int(self.cut_at) or self.cut_at < 1):
-            raise bad("cut_at", "must be an optimizer step >= 1, or a fraction of the run in (0, 1)")
+            raise bad_setting(self, "cut_at", "must be an optimizer step >= 1, or a fraction of the run in (0, 1)")
         if self.rule not in RULES:
-            raise bad("rule", "must be one of " + ", ".join(f"'{r}'" for r in RULES))
+            raise bad_setting(self, "rule", "must be one of " + ", ".join(f"'{r}'" for r in RULES))
         if not is_int(self.r_max) or self.r_max < 1:
-            raise bad("r_max", "must be an integer >= 1")
+            raise bad_setting(self, "r_max", "must be an integer >= 1")
 
     def resolve(self, total_steps: int | None) -> "WideCutConfig":
         """This config with the cut counted in optimizer steps."""
