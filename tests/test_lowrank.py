@@ -8,7 +8,8 @@ import torch
 from conftest import lora, tiny_bert
 
 from fwlora import analysis, models
-from fwlora.lowrank import LowRank, lowrank_svd, peft_delta
+from fwlora.lowrank import LowRank, lowrank_svd
+from fwlora.methods.deltas import peft_delta
 
 
 def factors(d_out: int, r: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

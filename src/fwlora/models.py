@@ -380,9 +380,9 @@ def adapted_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 
 def delta_weights(peft_model: nn.Module) -> dict[str, Any]:
-    """dW_m of every adapted matrix on the CPU: its two factors (a methods.lowrank.LowRank: LoRA's s B A,
+    """dW_m of every adapted matrix on the CPU: its two factors (a fwlora.lowrank.LowRank: LoRA's s B A,
     AdaLoRA's B (A * E) alpha / r), or PEFT's dense get_delta_weight (float32) where it is no such product."""
-    from fwlora.lowrank import peft_delta
+    from fwlora.methods.deltas import peft_delta
 
     out = {}
     with torch.no_grad():

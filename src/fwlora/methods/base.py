@@ -281,7 +281,7 @@ class Method:
 
     def delta_weights(self, deltas: dict[str, Any]) -> dict[str, Any]:
         """dW per matrix as the update training made, from the adapter's own (models.delta_weights, by short module
-        name: s B A as a methods.lowrank.LowRank, or dense): a method whose adapter does not start at zero (PiSSA)
+        name: s B A as a fwlora.lowrank.LowRank, or dense): a method whose adapter does not start at zero (PiSSA)
         or whose update is not s B A (DoRA) corrects it here; the matrix table is computed from what this returns."""
         return deltas
 

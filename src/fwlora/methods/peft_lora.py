@@ -24,7 +24,8 @@ from torch import nn
 from fwlora.errors import UserError
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.lora import default_alpha
-from fwlora.lowrank import LowRank, peft_delta
+from fwlora.lowrank import LowRank
+from fwlora.methods.deltas import peft_delta
 
 WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
 
