@@ -126,3 +126,29 @@ def test_bench_refuses_an_unsearched_preset_in_one_line(tmp_path):
                           "--dry-run"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--lr-search" in out.stderr
+
+
+def test_a_failed_runs_default_direction_does_not_flip_a_lower_is_better_choice():
+    lrs = (2e-4, 5e-4, 1e-3)
+    records = [_record("c", 2e-4, "chat", 2.1, metric="loss", higher=False),
+               _record("c", 5e-4, "chat", 1.9, metric="loss", higher=False),
+               _record("c", 1e-3, "chat", None)]  # a failed record carries the default higher_is_better=True
+    choice = lr_search.choose(["c"], lrs, records)["c"]
+    assert choice.chosen == 5e-4 and choice.shortfall == pytest.approx({"2e-4": 0.2, "5e-4": 0.0, "1e-3": 0.2})
+
+
+def test_the_search_runs_at_one_size_only(tmp_path):
+    with pytest.raises(UserError, match="one rank or one budget"):
+        lr_search.search_preset({**PRESET, "lr_search": {"lrs": [1e-3, 2e-3], "ranks": [2, 8]}})
+    searched = lr_search.search_preset({**PRESET, "grid": {**PRESET["grid"], "ranks": "4,8"},
+                                        "lr_search": {"lrs": [1e-3, 2e-3]}})
+    assert {c.config.rank for c in plan(searched, tmp_path, {}, {}) if c.method.startswith("lora_lr")} == {4}
+
+
+def test_bench_refuses_one_lr_for_every_column_of_a_search(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({k: v for k, v in PRESET.items() if k != "source"}))
+    out = subprocess.run([sys.executable, "-m", "fwlora", "bench", "--preset", str(preset), "--lr-search",
+                          "--set", "lr=1e-3", "--output-dir", str(tmp_path / "o"), "--dry-run"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--set lr" in out.stderr

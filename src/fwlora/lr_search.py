@@ -81,8 +81,8 @@ class LrSearch:
             raise UserError(f"{source}: lr_search: lrs and budgets are numbers, seed and ranks integers") from None
         if len(lrs) < 2 or any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
             raise UserError(f"{source}: lr_search.lrs needs two or more distinct positive learning rates")
-        if ranks and budgets:
-            raise UserError(f"{source}: lr_search takes ranks or budgets, not both")
+        if ranks and budgets or len(ranks) > 1 or len(budgets) > 1:
+            raise UserError(f"{source}: lr_search takes one rank or one budget (the lrs are chosen at one size)")
         return cls(tuple(sorted(lrs)), seed, tasks, ranks, budgets)
 
 
@@ -114,7 +114,8 @@ def search_preset(preset: dict[str, Any]) -> dict[str, Any]:
         for key in ("ranks", "budgets"):
             sizes = grid.get(key)
             if sizes:
-                grid[key] = [sizes[0] if isinstance(sizes, list) else sizes]
+                items = sizes if isinstance(sizes, list) else str(sizes).split(",")
+                grid[key] = [items[0]]
     out["grid"] = {k: v for k, v in grid.items() if v is not None}
     out["variants"] = variants
     return out
@@ -147,16 +148,18 @@ def choose(columns: list[str], lrs: tuple[float, ...], records: list[RunRecord])
         totals = {lr_label(lr): 0.0 for lr in lrs}
         for task in tasks_seen:
             values: dict[str, float | None] = {}
-            higher = True
+            directions = set()
             for lr in lrs:
                 rec = by_key.get((column_label(column, lr), task))
                 if rec is None:
                     raise UserError(f"the lr search has no run of {column} at lr {lr:g} on {task}: "
                                     "run the search to its end first")
-                higher = rec.higher_is_better
+                if rec.status == Status.COMPLETE:  # a failed record does not know its task's direction
+                    directions.add(rec.higher_is_better)
                 value = rec.metric_value("final") if rec.status == Status.COMPLETE else None
                 values[lr_label(lr)] = value if value is not None and value == value else None
             finite = [v for v in values.values() if v is not None]
+            higher = directions.pop() if len(directions) == 1 else True
             if not finite:
                 raise UserError(f"{column} failed at every lr on {task}: no lr can be chosen")
             best = max(finite) if higher else min(finite)
@@ -243,12 +246,14 @@ def check_committed(preset: dict[str, Any]) -> str | None:
         return None
     try:
         where = str(path.resolve().parent)
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=where, capture_output=True)
-        if tracked.returncode == 128 and b"not a git repository" in tracked.stderr:
-            log.warning("%s is not in a git checkout: its frozen lrs cannot be checked as committed", path)
+        name = path.resolve().name
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", name], cwd=where, capture_output=True)
+        if tracked.returncode == 128:  # not a checkout, or one git will not read (ownership): cannot tell
+            log.warning("%s: git cannot say whether it is committed (%s): its frozen lrs are not checked", path,
+                        tracked.stderr.decode(errors="replace").strip().splitlines()[0] if tracked.stderr else "")
             return None
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], cwd=where).returncode
-        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", path.name], cwd=where,
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", name], cwd=where).returncode
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", name], cwd=where,
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         log.warning("git is not available: %s's frozen lrs cannot be checked as committed", path)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fwlora import analysis, models
-from fwlora.checkpoint import PREVIOUS_DIR
+from fwlora.checkpoint import PREVIOUS_DIR, TMP_DIR
 from fwlora.config import TrainConfig
 from fwlora.data_order import EpochSampler
 from fwlora.device import device_sync
@@ -176,7 +176,9 @@ def timed_build(cfg: TrainConfig, method: Method, model: torch.nn.Module, task: 
         method.data = data_pass(cfg, task, tokenizer, train_data, next(model.parameters()).device)
     device_sync(device)
     start = time.perf_counter()
-    model = method.build(model)
+    # the data pass draws dropout masks: on a fork of the RNG, so training sees the same draws as LoRA's run
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = method.build(model)
     device_sync(device)
     return model, time.perf_counter() - start
 
@@ -241,7 +243,7 @@ def summarise(trainer: Trainer, env: dict, load_seconds: float) -> RunRecord:
                 "adapter_trainable_params": trainable - run.budget.head_params, **trained_params(trainer),
                 "head": run.head, "lora_alpha": method.summary().get("lora_alpha"), "targets": run.targets},
         method_info=method.summary(),
-        timing={**timing_summary(trainer), "load_seconds": load_seconds},
+        timing={**timing_summary(trainer), "load_seconds": load_seconds - (trainer.setup.init_seconds or 0.0)},
         matrices=analysis.matrix_table(deltas, **method.matrix_columns()) if trainer.is_main else [],
         data={"source": run.data_source, "train_examples": len(run.train_data),
               "eval_examples": len(run.eval_data), "steps_per_epoch": run.steps_per_epoch,
@@ -346,5 +348,5 @@ def save_outputs(trainer: Trainer, run_dir: Path, record: RunRecord) -> None:
     trainer.setup.tokenizer.save_pretrained(str(adapter_dir))  # what `fwlora predict` tokenises with
     trainer.method.save_adapter_extras(adapter_dir)
     write_result(run_dir, record)
-    for name in (CHECKPOINT_DIR, PREVIOUS_DIR):
+    for name in (CHECKPOINT_DIR, PREVIOUS_DIR, TMP_DIR):  # checkpoint.unreadable stays, to be looked at
         shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -92,6 +92,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     frozen_commit = None
     overrides = {"tasks": args.tasks, "methods": args.methods, "budgets": args.budgets, "ranks": args.ranks,
                  "seeds": args.seeds}
+    if (args.lr_search or "lr_choice" in preset) and any(k.split("=")[0].strip() == "lr" for k in args.set):
+        raise UserError("--set lr=... would give every column one lr: the lr search or the frozen preset sets them")
     if args.lr_search:  # the flags narrow the grid first; the search then sets seed, tasks and size
         grid = {**(preset.get("grid") or {}), **{k: v for k, v in overrides.items() if v is not None}}
         searched = {**preset, "grid": grid}
