@@ -26,7 +26,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,9 +79,16 @@ def allocate_proportional(fisher: Mapping[str, float], cost: Mapping[str, int], 
             break
         capped |= newly
     ideal = {n: float(cap[n]) if n in capped else (t * fisher[n] if n in active else 0.0) for n in names}
-    ranks = {n: min(cap[n], math.floor(ideal[n])) for n in names}
-    left = budget - sum(ranks[n] * cost[n] for n in names)
-    for n in sorted(active, key=lambda n: (-(ideal[n] - ranks[n]), n)):
+    return round_ranks(ideal, cap, cost, budget, active)
+
+
+def round_ranks(ideal: Mapping[str, float], cap: Mapping[str, int], cost: Mapping[str, int], budget: int,
+                eligible: Iterable[str]) -> dict[str, int]:
+    """Whole ranks from fractional ones under the budget: each rounded down (at most its cap), then what is
+    left goes one rank at a time to the eligible matrices with the largest remainders (ties by name)."""
+    ranks = {n: min(cap[n], math.floor(ideal[n])) for n in ideal}
+    left = budget - sum(ranks[n] * cost[n] for n in ideal)
+    for n in sorted(eligible, key=lambda n: (-(ideal[n] - ranks[n]), n)):
         if ranks[n] < cap[n] and cost[n] <= left:
             ranks[n] += 1
             left -= cost[n]

@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 
 from fwlora.errors import MethodError
+from fwlora.methods.ranks import round_ranks
 
 REDUCTIONS = ("mean", "sum")
 
@@ -74,12 +75,5 @@ def gora_ranks(importances: Mapping[str, float], dims: Mapping[str, tuple[int, i
         lo_t = hi_t
     s_lo, s_hi = spend(lo_t), spend(hi_t)
     t = hi_t if s_hi == s_lo else lo_t + (budget - s_lo) * (hi_t - lo_t) / (s_hi - s_lo)
-    ideal = level(t)
-    ranks = {n: min(cap[n], math.floor(ideal[n])) for n in names}
-    left = budget - sum(ranks[n] * cost[n] for n in names)
-    for n in sorted(names, key=lambda n: (-(ideal[n] - ranks[n]), n)):
-        if ranks[n] < cap[n] and cost[n] <= left:
-            ranks[n] += 1
-            left -= cost[n]
-    return ranks
+    return round_ranks(level(t), cap, cost, budget, names)
 
