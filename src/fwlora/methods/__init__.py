@@ -1,7 +1,7 @@
 """Methods as plug-ins: each is a folder (its settings, its math, its plug-in), behind one interface
 (base.py) and one registry (registry.py). The warm-up statistic FW-LoRA and fwrank share is gradients/.
 
-Built in: lora, adalora, fwlora, fwrank, widecut, loraone, gora, and PEFT's LoRA family (peft_lora.py:
+Built in: lora, adalora, fwlora, fwrank, widecut, loraone, gora, specwide, and PEFT's LoRA family (peft_lora.py:
 rslora, dora, pissa, olora, loraga, eva, loraplus). A method of your own is one file:
 
     from fwlora.methods import Method, register, lora_config
@@ -30,6 +30,7 @@ from fwlora.methods.fwrank import plugin as _fwrank  # noqa: E402,F401
 from fwlora.methods.widecut import plugin as _widecut  # noqa: E402,F401
 from fwlora.methods.loraone import plugin as _loraone  # noqa: E402,F401
 from fwlora.methods.gora import plugin as _gora  # noqa: E402,F401
+from fwlora.methods.specwide import plugin as _specwide  # noqa: E402,F401
 from fwlora.methods.rslora import plugin as _rslora  # noqa: E402,F401
 from fwlora.methods.dora import plugin as _dora  # noqa: E402,F401
 from fwlora.methods.pissa import plugin as _pissa  # noqa: E402,F401

@@ -1,0 +1,84 @@
+"""Spectral widecut as a plug-in: the two ideas the decomposition of AdaLoRA's edge and the gradient-driven
+initialisations each carry, in one run, so that a bench beside LoRA, LoRA-One and widecut can say which part
+of a gain is which:
+
+- direction (LoRA-One's initialisation, ../loraone/init.py): before step 1 the adapters at the wide width w
+  start from the top-w singular vectors of the mean full-weight gradient over `batches` training batches, at
+  the stable scale (s B0 A0 = s [-G]_w / (gamma sigma_1));
+- capacity (widecut, ../widecut/cut.py): train at width w = ceil(1.5 r) (AdaLoRA's init_r), cut once at
+  `cut_at` to LoRA's budget at rank r by the truncated SVD of what each matrix learned, train on.
+
+Budget parity is widecut's (never more mean trained parameters than AdaLoRA; LoRA's budget after the cut). The
+gradient pass is read inside build(), so its seconds are the run's (timing.init_seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fwlora.checks import is_int, is_real
+from fwlora.errors import UserError, bad_setting
+from fwlora.methods.gradients import find_lora_layers
+from fwlora.methods.loraone.init import spectral_init
+from fwlora.methods.loraone.plugin import write_factors
+from fwlora.methods.registry import register
+from fwlora.methods.weight_grads import weight_gradients
+from fwlora.methods.widecut.plugin import WideCutLoRA, WideCutSettings
+
+
+@dataclass(kw_only=True)
+class SpectralWideCutSettings(WideCutSettings):
+    batches: int = field(default=4, metadata={
+        "help": "training batches whose mean full-weight gradient G initialises the wide adapters (read before "
+                "step 1, inside the timed run)"})
+    gamma: float = field(default=16.0, metadata={
+        "help": "the stable scale: B0 A0 = [-G]_w / (gamma sigma_1(G)) at the width w (LoRA-One's setting: 16)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not is_int(self.batches) or self.batches < 1:
+            raise bad_setting(self, "batches", "must be an integer >= 1")
+        if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
+            raise bad_setting(self, "gamma", "must be a finite number > 0")
+
+
+@register
+class SpectralWideCut(WideCutLoRA):
+    name, label = "specwide", "spectral widecut"
+    Settings = SpectralWideCutSettings
+    prefix = "specwide_"
+    search_space = {"specwide_gamma": {"type": "categorical", "choices": [4.0, 16.0, 64.0]},
+                    "specwide_cut_at": {"type": "categorical", "choices": [0.25, 0.5, 0.75]}}
+    colour, line_style = "tab:olive", ("-.", "P")
+    rank_column = "specwide_rank"
+    uses_data_pass = True
+
+    def check(self) -> list[str]:
+        if self.run.quantized:
+            raise UserError("--load-in-4bit: spectral widecut reads the gradient of each full-precision base weight, "
+                            "which a 4-bit backbone does not have; train on a bfloat16 or float32 backbone")
+        return super().check()
+
+    def build(self, model: nn.Module) -> nn.Module:
+        peft_model = super().build(model)  # LoRA at the width, PEFT's initialisation
+        layers = find_lora_layers(peft_model)
+        grads = weight_gradients(peft_model, layers, self.data, self.settings.batches)
+        self.captured: dict[str, float] = {}
+        for name, layer in layers.items():
+            b0, a0, self.captured[name] = spectral_init(grads.pop(name), self.width, self.settings.gamma)
+            write_factors(layer, b0, a0)
+        return peft_model
+
+    def summary(self) -> dict[str, Any]:
+        shares = list(self.captured.values())
+        return {**super().summary(), "batches": self.settings.batches, "gamma": self.settings.gamma,
+                "initial_spectral_norm": self.lora_alpha / self.width / self.settings.gamma,
+                "captured_mean": sum(shares) / len(shares) if shares else None}
+
+    def matrix_columns(self) -> dict[str, dict[str, float]]:
+        short = {n: n.removeprefix("base_model.model.") for n in self.captured}
+        return {"specwide_rank": {short[n]: r for n, r in self.cut.ranks.items() if n in short},
+                "specwide_captured": {short[n]: v for n, v in self.captured.items()}}
