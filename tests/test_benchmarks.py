@@ -219,3 +219,24 @@ def test_run_times_rotates_the_order_and_pairs_each_round_with_its_own_reference
     assert {o[0] for o in orders} == set(columns)  # no column always first
     got = rt.ratios({"lora": [100.0, 200.0, 100.0], "a": [110.0, 200.0, 130.0]}, "lora")["a"]
     assert got["rounds"] == [1.1, 1.0, 1.3] and got["median"] == 1.1 and (got["min"], got["max"]) == (1.0, 1.3)
+
+
+def test_seed_table_puts_the_bench_beside_the_seed_s_expected_numbers(tmp_path):
+    """The hand-chosen bench of report_runs: FW-LoRA at r2 has seeds 0-1 (0.53, 0.55), LoRA 0.50, 0.52, 0.51;
+    AdaLoRA's times are 1.2, 1.1, 1.15 x LoRA's."""
+    from report_runs import make_bench
+
+    seed_table = load_script("seed_table")
+    bench = make_bench(tmp_path / "bench")
+    out = tmp_path / "table.md"
+    assert seed_table.main([str(bench), "--shared-lr", str(bench), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| cola | fwlora | 57.5 | 54.0 ± 1.4 (n=2) | 1.01x | 1.06x |" in text  # 110/100, 202/200: median 1.055
+    assert "| cola | adalora | 57.8 | 52.3 ± 2.5 (n=3) | 1.12x | 1.15x |" in text
+    assert "| cola | r2 | fwlora − lora | +0.030 [+0.030, +0.030]" in text  # both pairs differ by 0.03
+    assert "| cola | r1 | adalora − lora | +0.020 [" in text  # seeds 0-1: +0.01, +0.03
+    shared = text.split("every method at lr 2e-4")[1]
+    assert shared.count("| cola |") == 16  # every complete run at the shared lr: 18 planned, 1 failed, 1 running
+    with pytest.raises(SystemExit) as stop:
+        seed_table.main([str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
