@@ -15,25 +15,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fwlora.checks import is_int, is_real
+from fwlora.checks import is_real
 from fwlora.errors import UserError, bad_setting
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.gradients import find_lora_layers
-from fwlora.methods.loraone.init import precondition_, spectral_init
+from fwlora.methods.loraone.init import precondition_
+from fwlora.methods.loraone.start import SpectralStartSettings, spectral_start
 from fwlora.methods.registry import register
-from fwlora.methods.weight_grads import weight_gradients
 
 PRECONDITIONERS = ("none", "riemannian")
 
 
 @dataclass(kw_only=True)
-class LoRAOneSettings:
-    batches: int = field(default=4, metadata={
-        "help": "training batches whose mean full-weight gradient G initialises the adapters (read before step 1, "
-                "inside the timed run)"})
-    gamma: float = field(default=16.0, metadata={
-        "help": "the stable scale: B0 A0 = [-G]_r / (gamma sigma_1(G)), so the initial update's spectral norm is "
-                "s / gamma (the authors' T5/GLUE setting: 16)"})
+class LoRAOneSettings(SpectralStartSettings):
     preconditioner: Literal["none", "riemannian"] = field(default="none", metadata={
         "help": "'riemannian': multiply the gradients of A and B by (B^T B + eps I)^-1 and (A A^T + eps I)^-1 before "
                 "each optimizer step, as the paper's full algorithm does; 'none': plain LoRA updates"})
@@ -41,10 +35,7 @@ class LoRAOneSettings:
         "help": "eps of the preconditioner's (B^T B + eps I) and (A A^T + eps I)"})
 
     def __post_init__(self) -> None:
-        if not is_int(self.batches) or self.batches < 1:
-            raise bad_setting(self, "batches", "must be an integer >= 1")
-        if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
-            raise bad_setting(self, "gamma", "must be a finite number > 0")
+        super().__post_init__()
         if self.preconditioner not in PRECONDITIONERS:
             raise bad_setting(self, "preconditioner", "must be one of " + ", ".join(f"'{p}'" for p in PRECONDITIONERS))
         if not is_real(self.precondition_eps) or not 0 < self.precondition_eps < float("inf"):
@@ -72,12 +63,7 @@ class LoRAOne(Method):
 
         self.lora_alpha = self.run.lora_alpha or 2.0 * self.run.rank  # LoRA's default: s = alpha / r = 2
         peft_model = get_peft_model(model, lora_config(self.run, self.run.rank, self.lora_alpha))
-        layers = find_lora_layers(peft_model)
-        grads = weight_gradients(peft_model, layers, self.data, self.settings.batches)
-        self.captured: dict[str, float] = {}
-        for name, layer in layers.items():
-            b0, a0, self.captured[name] = spectral_init(grads.pop(name), self.run.rank, self.settings.gamma)
-            write_factors(layer, b0, a0)
+        self.captured = spectral_start(peft_model, self.data, self.settings, self.run.rank)
         return peft_model
 
     def attach(self, model: nn.Module) -> None:
@@ -100,18 +86,6 @@ class LoRAOne(Method):
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         return {"loraone_captured": {_short(n): v for n, v in self.captured.items()}}
-
-
-@torch.no_grad()
-def write_factors(layer: nn.Module, b0: torch.Tensor, a0: torch.Tensor) -> None:
-    """Put B0 (d_out x k) and A0 (k x d_in) into the layer's first k ranks; the other ranks keep PEFT's
-    initialisation (random A, zero B), so they start at zero update and can still learn."""
-    adapter = layer.active_adapters[0]
-    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    k = a0.shape[0]
-    a[:k] = a0.to(a.dtype)
-    b.zero_()
-    b[:, :k] = b0.to(b.dtype)
 
 
 def _short(name: str) -> str:

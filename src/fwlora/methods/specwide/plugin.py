@@ -14,35 +14,24 @@ gradient pass is read inside build(), so its seconds are the run's (timing.init_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from fwlora.checks import is_int, is_real
-from fwlora.errors import UserError, bad_setting
-from fwlora.methods.gradients import find_lora_layers
-from fwlora.methods.loraone.init import spectral_init
-from fwlora.methods.loraone.plugin import write_factors
+from fwlora.errors import UserError
+from fwlora.methods.loraone.start import SpectralStartSettings, spectral_start
 from fwlora.methods.registry import register
-from fwlora.methods.weight_grads import weight_gradients
 from fwlora.methods.widecut.plugin import WideCutLoRA, WideCutSettings
 
 
 @dataclass(kw_only=True)
-class SpectralWideCutSettings(WideCutSettings):
-    batches: int = field(default=4, metadata={
-        "help": "training batches whose mean full-weight gradient G initialises the wide adapters (read before "
-                "step 1, inside the timed run)"})
-    gamma: float = field(default=16.0, metadata={
-        "help": "the stable scale: B0 A0 = [-G]_w / (gamma sigma_1(G)) at the width w (LoRA-One's setting: 16)"})
+class SpectralWideCutSettings(WideCutSettings, SpectralStartSettings):
+    """widecut's settings and LoRA-One's start (its rank: the width)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not is_int(self.batches) or self.batches < 1:
-            raise bad_setting(self, "batches", "must be an integer >= 1")
-        if not is_real(self.gamma) or not 0 < self.gamma < float("inf"):
-            raise bad_setting(self, "gamma", "must be a finite number > 0")
+        WideCutSettings.__post_init__(self)
+        SpectralStartSettings.__post_init__(self)
 
 
 @register
@@ -52,7 +41,7 @@ class SpectralWideCut(WideCutLoRA):
     prefix = "specwide_"
     search_space = {"specwide_gamma": {"type": "categorical", "choices": [4.0, 16.0, 64.0]},
                     "specwide_cut_at": {"type": "categorical", "choices": [0.25, 0.5, 0.75]}}
-    colour, line_style = "tab:olive", ("-.", "P")
+    colour, line_style = "darkslategray", ("-.", "H")
     rank_column = "specwide_rank"
     uses_data_pass = True
 
@@ -64,12 +53,7 @@ class SpectralWideCut(WideCutLoRA):
 
     def build(self, model: nn.Module) -> nn.Module:
         peft_model = super().build(model)  # LoRA at the width, PEFT's initialisation
-        layers = find_lora_layers(peft_model)
-        grads = weight_gradients(peft_model, layers, self.data, self.settings.batches)
-        self.captured: dict[str, float] = {}
-        for name, layer in layers.items():
-            b0, a0, self.captured[name] = spectral_init(grads.pop(name), self.width, self.settings.gamma)
-            write_factors(layer, b0, a0)
+        self.captured = spectral_start(peft_model, self.data, self.settings, self.width)
         return peft_model
 
     def summary(self) -> dict[str, Any]:
