@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,17 @@ def test_olora_refuses_a_transposed_conv1d_layer_in_one_line():
                                         r"\.c_attn, a transposed Conv1D layer") as e:
         cls(cls.make_settings({}, run), run).build(model)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method, setting, value, why", [
+    ("eva", "rho", 0.5, "must be a number >= 1"), ("eva", "tau", 1.5, "must lie in [0, 1]"),
+    ("eva", "batches", True, "must be an integer >= 1"), ("loraga", "stable_gamma", 0, "must be an integer >= 1"),
+    ("loraga", "direction", "up", "use one of"), ("loraplus", "lr_ratio", float("nan"), "must be a positive number"),
+    ("pissa", "niter", -1, "must be an integer >= 0")])
+def test_bad_settings_are_refused_by_the_one_setting_error(method, setting, value, why):
+    """Each refusal names the field and its value (the CLI turns it into the flag: `--eva-rho = 0.5: ...`)."""
+    from fwlora.errors import MethodError
+    from fwlora.methods import get
+
+    with pytest.raises(MethodError, match=rf"\.{setting} = {re.escape(repr(value))}: {re.escape(why)}"):
+        get(method).Settings(**{setting: value})

@@ -11,13 +11,13 @@ off (one label per sequence: every non-padding token counts); on a causal LM PEF
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from torch import nn
 
-from fwlora.errors import MethodError, UserError
+from fwlora.checks import is_int, is_real
+from fwlora.errors import MethodError, bad_setting
 from fwlora.methods.base import DataPass, with_help
 from fwlora.methods.peft_lora import PeftLoRA, lora_layers
 from fwlora.methods.registry import register
@@ -31,12 +31,12 @@ class EVASettings:
     whiten: bool = with_help(False, "EVA: whiten the singular vectors (PEFT's whiten)")
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.rho) and self.rho >= 1):
-            raise UserError(f"eva-rho = {self.rho!r}: must be a number >= 1")
-        if not 0 <= self.tau <= 1:
-            raise UserError(f"eva-tau = {self.tau!r}: must lie in [0, 1]")
-        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
-            raise UserError(f"eva-batches = {self.batches!r}: must be an integer >= 1")
+        if not is_real(self.rho) or not 1 <= self.rho < float("inf"):
+            raise bad_setting(self, "rho", "must be a number >= 1")
+        if not is_real(self.tau) or not 0 <= self.tau <= 1:
+            raise bad_setting(self, "tau", "must lie in [0, 1]")
+        if not is_int(self.batches) or self.batches < 1:
+            raise bad_setting(self, "batches", "must be an integer >= 1")
 
 
 class _Batches:

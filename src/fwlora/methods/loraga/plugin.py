@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fwlora.checks import is_int
-from fwlora.errors import MethodError, UserError
+from fwlora.errors import MethodError, bad_setting
 from fwlora.methods.base import with_help
 from fwlora.methods.peft_lora import ResidualInit
 from fwlora.methods.registry import register
@@ -37,11 +37,11 @@ class LoraGASettings:
         for name in ("batches", "stable_gamma"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise UserError(f"loraga-{name.replace('_', '-')} = {value!r}: must be an integer >= 1")
+                raise bad_setting(self, name, "must be an integer >= 1")
         if self.direction not in DIRECTIONS:
-            raise UserError(f"loraga-direction = {self.direction!r}: use one of {', '.join(DIRECTIONS)}")
+            raise bad_setting(self, "direction", "use one of " + ", ".join(DIRECTIONS))
         if self.scale not in SCALES:
-            raise UserError(f"loraga-scale = {self.scale!r}: use one of {', '.join(SCALES)}")
+            raise bad_setting(self, "scale", "use one of " + ", ".join(SCALES))
 
 
 @register

@@ -4,14 +4,14 @@ among them) at lr x ratio, the rest (A, the head's weight) at lr; weight decay a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fwlora.errors import UserError
+from fwlora.checks import is_real
+from fwlora.errors import bad_setting
 from fwlora.methods.base import with_help
 from fwlora.methods.peft_lora import PeftLoRA
 from fwlora.methods.registry import register
@@ -22,8 +22,8 @@ class LoraPlusSettings:
     lr_ratio: float = with_help(16.0, "LoRA+: B's learning rate over A's (the paper's 2^4)")
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr_ratio) and self.lr_ratio > 0):
-            raise UserError(f"loraplus-lr-ratio = {self.lr_ratio!r}: must be a positive number")
+        if not is_real(self.lr_ratio) or not 0 < self.lr_ratio < float("inf"):
+            raise bad_setting(self, "lr_ratio", "must be a positive number")
 
 
 @register

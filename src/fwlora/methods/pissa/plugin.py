@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fwlora.errors import UserError
+from fwlora.checks import is_int
+from fwlora.errors import bad_setting
 from fwlora.methods.base import with_help
 from fwlora.methods.peft_lora import ResidualInit
 from fwlora.methods.registry import register
@@ -19,8 +20,8 @@ class PiSSASettings:
                               "recommendation 4); 0: the exact SVD (init pissa)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
-            raise UserError(f"pissa-niter = {self.niter!r}: must be an integer >= 0")
+        if not is_int(self.niter) or self.niter < 0:
+            raise bad_setting(self, "niter", "must be an integer >= 0")
 
 
 @register
