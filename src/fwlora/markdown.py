@@ -3,27 +3,23 @@ so that every number in report.md has one format."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def finite_number(x: Any) -> bool:
-    """A finite real number (a bool is not one: JSON's true must not print as 1.000)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from fwlora.checks import is_finite_real  # a bool is not a number: JSON's true must not print as 1.000
 
 
 def finite_values(values: Sequence[Any]) -> list[float]:
     """The finite real numbers among values, as floats (None, NaN and non-numbers left out)."""
-    return [float(v) for v in values if finite_number(v)]
+    return [float(v) for v in values if is_finite_real(v)]
 
 
 def fmt(x: Any, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if finite_number(x) else "—"
+    return f"{x:.{digits}f}" if is_finite_real(x) else "—"
 
 
 def fmt_signed(x: Any, digits: int = 3) -> str:
-    return f"{x:+.{digits}f}" if finite_number(x) else "—"
+    return f"{x:+.{digits}f}" if is_finite_real(x) else "—"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fwlora.markdown import finite_number
+from fwlora.checks import is_finite_real
 from fwlora.records import RunRecord, Status
 from fwlora.report.columns import Columns
 from fwlora.report.load import Protocol, Run
@@ -138,7 +138,7 @@ class Cell:
 def best_entry(rec: RunRecord) -> dict[str, Any]:
     """The best epoch by the headline metric in the record's direction (lower is better for a loss);
     the record's own `best` when its epochs do not carry the metric."""
-    scored = [e for e in rec.epochs or [] if finite_number(e.get(rec.metric))]
+    scored = [e for e in rec.epochs or [] if is_finite_real(e.get(rec.metric))]
     if not scored:
         return rec.best or {}
     pick = max if rec.higher_is_better else min
@@ -150,7 +150,7 @@ def timing(rec: RunRecord, key: str) -> float | None:
     v = t.get(key)
     if v is None and key in LEGACY_TIMING:
         v = t.get(LEGACY_TIMING[key])
-    return float(v) if finite_number(v) else None
+    return float(v) if is_finite_real(v) else None
 
 
 def majority_value(records: Sequence[RunRecord], metric: str | None) -> float | None:
@@ -158,7 +158,7 @@ def majority_value(records: Sequence[RunRecord], metric: str | None) -> float | 
     (schema 2), else 0 for MCC (true of any constant predictor), else unknown."""
     for rec in records:
         v = ((rec.data or {}).get("majority") or {}).get(metric)
-        if finite_number(v):
+        if is_finite_real(v):
             return float(v)
     return 0.0 if metric == "mcc" else None
 
@@ -196,9 +196,9 @@ def _adapter_size(first: RunRecord) -> AdapterSize:
     b = first.budget or {}
     backbone, adapter = b.get("backbone_params"), b.get("adapter_trainable_params")
     params = ParamsTrained(*(b.get(f"trained_adapter_params_{k}") for k in ("initial", "final", "mean")))
-    recorded = any(finite_number(v) for v in (params.initial, params.final, params.mean))
-    spent = params.mean if finite_number(params.mean) else adapter  # the mean over steps where recorded
-    usable = finite_number(spent) and spent and finite_number(backbone) and backbone
+    recorded = any(is_finite_real(v) for v in (params.initial, params.final, params.mean))
+    spent = params.mean if is_finite_real(params.mean) else adapter  # the mean over steps where recorded
+    usable = is_finite_real(spent) and spent and is_finite_real(backbone) and backbone
     return AdapterSize(b.get("rank"), b.get("percent"), adapter, params if recorded else None,
                        b.get("head_params"), backbone, 100.0 * spent / backbone if usable else None)
 
@@ -216,7 +216,7 @@ def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], referen
         first = complete[min(complete)]
         extra.update(size=_adapter_size(first), method_info=first.method_info or {})
         totals = [(r.method_info or {}).get("final_total_rank") for r in records]
-        if any(finite_number(v) for v in totals):
+        if any(is_finite_real(v) for v in totals):
             extra["final_total_rank"] = mean_std(totals)
         for key in LEGACY_TIMING:
             values = [timing(r, key) for r in records]
@@ -242,7 +242,7 @@ def curve(records: Sequence[RunRecord]) -> Curve:
     for r in records:
         for e in r.epochs or []:
             v = e.get(r.metric)
-            if finite_number(v) and e.get("epoch") is not None:
+            if is_finite_real(v) and e.get("epoch") is not None:
                 per_epoch[int(e["epoch"])].append(float(v))
     epochs = sorted(per_epoch)
     stats = [mean_std(per_epoch[e]) for e in epochs]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fwlora import analysis, methods
-from fwlora.markdown import finite_number
+from fwlora.checks import is_finite_real
 from fwlora.records import RunRecord
 from fwlora.report.cells import Cell
 from fwlora.report.plots import new_figure, save_png
@@ -27,7 +27,7 @@ def matrix_means(records: Sequence[RunRecord], key: str) -> dict[tuple[int | Non
     for r in records:
         for m in r.matrices or []:
             v = m.get(key)
-            if finite_number(v):
+            if is_finite_real(v):
                 layer, kind = (m.get("layer"), m.get("kind")) if m.get("kind") else \
                     analysis.split_matrix_name(str(m.get("name")))
                 acc[(layer, kind)].append(float(v))

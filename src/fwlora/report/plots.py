@@ -5,7 +5,6 @@ aggregating runs never needs it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from fwlora import methods
-from fwlora.markdown import finite_number
+from fwlora.checks import is_finite_real
+from fwlora.files import write_atomic
 from fwlora.report.cells import Cell
 from fwlora.report.columns import budget_method_name
 from fwlora.report.summary import ProtocolReport
@@ -30,15 +30,8 @@ _STYLES = (("-.", "D"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*"), ("-", 
 
 
 def save_png(fig: Any, path: Path) -> Path:
-    """Save a PNG atomically: a temporary name in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Save a PNG atomically (a reader never sees half a figure)."""
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def new_figure(w: float, h: float) -> Any:
@@ -74,7 +67,7 @@ def _style(label: str, labels: Sequence[str]) -> tuple[str, str]:
 
 def _budget_tick(cell: Cell) -> str:
     pct = cell.budget_percent
-    return cell.budget_label + (f"\n{pct:.2f} %" if finite_number(pct) else "")
+    return cell.budget_label + (f"\n{pct:.2f} %" if is_finite_real(pct) else "")
 
 
 def _direction(cells: Sequence[Cell]) -> str:
@@ -149,7 +142,7 @@ def plot_time_ratios(r: ProtocolReport, path: Path) -> Path | None:
         ax.set_ylabel(f"{what} / {name(ref)}'s")
         ax.set_title(f"{what}: median of per-seed ratios to {name(ref)}\n(black bars: min to max over seeds)",
                      fontsize=9)
-        tops = [q.max for c in cells for m in others if (q := _ratio(c, m, kind)) and finite_number(q.max)]
+        tops = [q.max for c in cells for m in others if (q := _ratio(c, m, kind)) and is_finite_real(q.max)]
         ax.set_ylim(min(0.9, 0.95 * min(tops, default=1.0)), max(1.2, 1.05 * max(tops, default=1.0)))
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)

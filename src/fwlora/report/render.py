@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fwlora import analysis, methods
-from fwlora.markdown import finite_number
+from fwlora.checks import is_finite_real
 from fwlora.methods.base import Method
 from fwlora.report.cells import Cell, ColumnStats
 from fwlora.report.columns import Columns, budget_method_name
@@ -61,7 +61,7 @@ def main_table(r: ProtocolReport) -> str:
     compared = [lb for lb in labels if lb not in (ref, other)] if other else []
     rows = []
     for c in r.cells:
-        percent = f", {c.budget_percent:.3f} %" if finite_number(c.budget_percent) else ""
+        percent = f", {c.budget_percent:.3f} %" if is_finite_real(c.budget_percent) else ""
         rows.append([_metric_heading(c), f"{c.budget_label}{percent}",
                      *[method_cell_text(c.columns.get(lb)) for lb in labels],
                      *[ratio_cell_text(c.columns.get(lb)) for lb in timed],
@@ -76,12 +76,12 @@ def params_text(stat: ColumnStats) -> str:
     """Adapter parameters trained: 'initial → final (mean over steps)' where they change, else the one
     count (release 1 recorded only the trainable count)."""
     p = stat.size.params if stat.size else None
-    if p and finite_number(p.initial):
+    if p and is_finite_real(p.initial):
         text = fmt_count(p.initial)
-        changed = finite_number(p.final) and p.final != p.initial
+        changed = is_finite_real(p.final) and p.final != p.initial
         if changed:
             text += f" → {fmt_count(p.final)}"
-        if finite_number(p.mean) and (changed or round(p.mean) != round(p.initial)):
+        if is_finite_real(p.mean) and (changed or round(p.mean) != round(p.initial)):
             text += f" (mean {fmt_count(p.mean)})"
         return text
     return f"{stat.size.adapter_params:,}" if stat.size and stat.size.adapter_params else "—"
@@ -96,7 +96,7 @@ def detail_table(cell: Cell, cols: Columns) -> str:
         final = fmt_mean_std(s.final) + (f" ({MAJORITY_MARK})" if s.at_majority else "")
         rows.append([cols.name(label), s.seeds.text, final, fmt_mean_std(s.best), fmt(s.best_epoch.mean, 1),
                      params_text(s), f"{head:,}" if head is not None else "—",
-                     f"{actual:.3f} %" if finite_number(actual) else "—", fmt(s.train_seconds.mean, 1),
+                     f"{actual:.3f} %" if is_finite_real(actual) else "—", fmt(s.train_seconds.mean, 1),
                      *ratios, fmt(s.step_seconds_median.mean, 4)])
     best = "best" + ("" if cell.higher_is_better else " (lowest)")
     metric = cell.metric or ""
@@ -178,7 +178,7 @@ def _warmup_example() -> str:
 
 def _cell_lines(c: Cell, cols: Columns) -> list[str]:
     percent = f" (rank {c.rank}, {c.budget_percent:.3f} % for {budget_method_name()})" \
-        if c.rank and finite_number(c.budget_percent) else ""
+        if c.rank and is_finite_real(c.budget_percent) else ""
     lines = ["", f"#### {c.task}, {c.budget_label}{percent}", "", detail_table(c, cols), ""]
     errors = [(label, seed, e) for label, st in c.columns.items() for seed, e in st.errors.items()]
     lines += [f"- {cols.name(label)} seed {seed} failed: {e.splitlines()[0][:300] if e else 'no message'}"

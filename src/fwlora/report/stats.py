@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fwlora.markdown import finite_number, finite_values
+from fwlora.checks import is_finite_real
+from fwlora.markdown import finite_values
 
 CONFIDENCE = 0.95
 
@@ -96,7 +97,7 @@ def per_seed_ratios(numerator: dict[Any, float | None],
     out = {}
     for key, num in numerator.items():
         den = denominator.get(key)
-        if finite_number(num) and finite_number(den) and den > 0:
+        if is_finite_real(num) and is_finite_real(den) and den > 0:
             out[key] = num / den
     return out
 
@@ -130,6 +131,6 @@ def difference_verdict(ci: PairedInterval, a: str, b: str, unit: str = "seeds",
 def at_majority(mean: float | None, majority: float | None, tolerance: float = MAJORITY_TOLERANCE) -> bool:
     """Whether a mean metric is what a constant majority-class predictor scores (within the tolerance;
     a hair of float slack so that 0.01 away counts as within)."""
-    if not (finite_number(mean) and finite_number(majority)):
+    if not (is_finite_real(mean) and is_finite_real(majority)):
         return False
     return abs(mean - majority) <= tolerance + 1e-12

@@ -6,7 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from fwlora.markdown import finite_number, fmt, fmt_signed, markdown_table
+from fwlora.checks import is_finite_real
+from fwlora.markdown import fmt, fmt_signed, markdown_table
 from fwlora.report.stats import MeanStd, PairedInterval
 
 __all__ = ["fmt", "fmt_ci", "fmt_count", "fmt_mean_std", "fmt_ratio", "fmt_signed", "fmt_value",
@@ -14,7 +15,7 @@ __all__ = ["fmt", "fmt_ci", "fmt_count", "fmt_mean_std", "fmt_ratio", "fmt_signe
 
 
 def fmt_ratio(x: Any, digits: int = 2) -> str:
-    return f"{x:.{digits}f}x" if finite_number(x) else "—"
+    return f"{x:.{digits}f}x" if is_finite_real(x) else "—"
 
 
 def fmt_ci(ci: PairedInterval | Mapping[str, Any] | None, digits: int = 3) -> str:
@@ -47,7 +48,7 @@ def fmt_value(v: Any) -> str:
 
 def fmt_count(v: Any) -> str:
     """A parameter count: '1,234' (a mean over steps is rounded)."""
-    return f"{round(v):,}" if finite_number(v) else "—"
+    return f"{round(v):,}" if is_finite_real(v) else "—"
 
 
 def slug(text: str) -> str:

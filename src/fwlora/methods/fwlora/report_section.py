@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fwlora import analysis
-from fwlora.markdown import finite_number, finite_values, fmt, fmt_signed, markdown_table
+from fwlora.checks import is_finite_real
+from fwlora.markdown import finite_values, fmt, fmt_signed, markdown_table
 from fwlora.methods.base import ReportCell, ReportView
 from fwlora.methods.registry import label as method_label
 from fwlora.methods.registry import rival_name
@@ -201,7 +202,7 @@ def section(view: ReportView, method: str) -> str:
              READING.format(name=name, ref=ref, rival=rival)]
     for cell, q in questions:
         g, where = q.shift.geometric_mean_ratio, f"{cell.task} {cell.budget_label}"
-        if finite_number(g):
+        if is_finite_real(g):
             lines.append(SHRINKAGE.format(where=where, name=name, size=abs(1 - g) * 100, ref=ref,
                                           direction="smaller" if g < 1 else "larger", pairs=q.shift.pairs,
                                           spread=fmt(q.shift.std_log_ratio, 3)))
