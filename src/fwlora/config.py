@@ -290,17 +290,6 @@ def type_parts(annotation: Any) -> tuple[tuple[Any, ...], bool]:
     return tuple(p for p in parts if p is not type(None)), type(None) in parts
 
 
-def type_name(annotation: Any) -> str:
-    """A field's type as written ("float", "int | None") for messages, from a typing object or from the
-    text a module with `from __future__ import annotations` leaves in dataclasses.Field.type."""
-    if isinstance(annotation, type):
-        return annotation.__name__
-    text = str(annotation).replace("typing.", "")
-    if text.startswith("Optional[") and text.endswith("]"):
-        text = text[len("Optional["):-1] + " | None"
-    return text
-
-
 _SETTING_ERROR = re.compile(r"^(?:\w+\.)?(\w+) = (.*)$", re.S)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from fwlora import methods
 from fwlora.checks import is_finite_real
-from fwlora.config import TrainConfig, config_fields, load_config_file, type_name
+from fwlora.config import TrainConfig, load_config_file, setting_types, type_parts
 from fwlora.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,11 +85,15 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-def setting_kinds() -> dict[str, str]:
-    """{setting: its type as written} for the shared settings and every registered method's own."""
-    kinds = {f.name: type_name(f.type) for f in config_fields()}
-    kinds.update({name: type_name(f.type) for name, (_, f) in methods.all_settings().items()})
-    return kinds
+def setting_kinds() -> dict[str, tuple[Any, ...]]:
+    """{setting: the types its value may have (None apart)} for the shared settings and every registered
+    method's own."""
+    return {name: type_parts(annotation)[0] for name, annotation in setting_types().items()}
+
+
+def _kind_words(types_: tuple[Any, ...]) -> str:
+    """'int | float', "Literal['none', 'riemannian']": a setting's types as a message writes them."""
+    return " | ".join(t.__name__ if isinstance(t, type) else str(t).replace("typing.", "") for t in types_)
 
 
 def _parse_methods(where: str, name: str, methods_entry: Any) -> tuple[str, ...] | None:
@@ -135,7 +139,7 @@ def parse_param(name: str, entry: Any, source: str) -> Param:
         if extra:
             raise UserError(f"{where}: a categorical entry takes choices, not {', '.join(sorted(extra))}")
         choices = entry.get("choices")
-        if isinstance(choices, list) and (field_kind.startswith("float") or field_kind.startswith("int")):
+        if isinstance(choices, list) and (float in field_kind or int in field_kind):
             choices = [_yaml_number(c) for c in choices]
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: choices must be a non-empty list, got {choices!r}")
@@ -146,9 +150,9 @@ def parse_param(name: str, entry: Any, source: str) -> Param:
         return Param(name, kind, choices=tuple(choices), methods=applies)
     if "choices" in entry:
         raise UserError(f"{where}: choices belong to type categorical (this entry is {kind})")
-    if not (field_kind.startswith("int") or field_kind.startswith("float")):
-        raise UserError(f"{where}: a {field_kind} setting can only be searched as type categorical")
-    if kind == "float" and field_kind.startswith("int"):
+    if not (int in field_kind or float in field_kind):
+        raise UserError(f"{where}: a {_kind_words(field_kind)} setting can only be searched as type categorical")
+    if kind == "float" and float not in field_kind:
         raise UserError(f"{where}: an integer setting: use type int or categorical")
     low, high = _yaml_number(entry.get("low")), _yaml_number(entry.get("high"))
     log_scale, step = entry.get("log", False), _yaml_number(entry.get("step"))
