@@ -71,6 +71,17 @@ def test_choice_failed_run_scores_worst_ties_go_to_the_smaller_lr_and_direction_
     assert lr_search.choose(["c"], lrs, loss)["c"].chosen == 5e-4
 
 
+def test_a_choice_at_the_grid_s_end_is_flagged():
+    lrs = (2e-4, 5e-4, 1e-3)
+    rising = [_record("up", lr, "cola", v) for lr, v in zip(lrs, (0.3, 0.4, 0.5))]
+    inside = [_record("mid", lr, "cola", v) for lr, v in zip(lrs, (0.3, 0.5, 0.4))]
+    falling = [_record("down", lr, "cola", v) for lr, v in zip(lrs, (0.5, 0.4, 0.3))]
+    choices = lr_search.choose(["up", "mid", "down"], lrs, rising + inside + falling)
+    assert {c: ch.edge for c, ch in choices.items()} == {"up": "largest", "mid": None, "down": "smallest"}
+    assert "up: lr 1e-3 (the grid's largest lr: one beyond it was not tried)" in lr_search.describe(choices)
+    assert "mid: lr 5e-4\n" in lr_search.describe(choices)
+
+
 def test_choice_refuses_a_missing_lr_and_a_column_that_failed_everywhere():
     lrs = (2e-4, 5e-4)
     with pytest.raises(UserError, match="no run of lora at lr 0.0005"):
@@ -91,6 +102,7 @@ def test_frozen_preset_carries_each_columns_lr_into_the_bench(tmp_path):
     frozen = load_preset(str(path))
     assert frozen["lr_choice"]["chosen"] == {"lora": 5e-4, "lora_r3": 1e-3}
     assert frozen["lr_choice"]["search_commit"] == "abc123" and "lr_search" not in frozen
+    assert frozen["lr_choice"]["at_edge"] == {"lora_r3": "largest"}  # lora's 5e-4 is inside the grid
     cells = plan(frozen, tmp_path / "eval", {}, {})
     assert {(c.method, c.config.lr) for c in cells} == {("lora", 5e-4), ("lora_r3", 1e-3)}
     assert {c.seed for c in cells} == {0, 1, 2} and {c.config.rank for c in cells} == {1, 2, 3}

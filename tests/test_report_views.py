@@ -92,7 +92,8 @@ def test_learning_rates_of_a_frozen_preset_are_shown(tmp_path: Path):
     write_bench(root, labels=("r2",), methods=("lora", "fwlora"), seeds=1)
     bench = json.loads((root / "bench.json").read_text())
     bench["preset"]["lr_choice"] = {"rule": RULE, "seed": 100, "lrs": lrs, "scores": scores,
-                                    "shortfall": shortfall, "chosen": {"lora": 5e-4, "fwlora": 1e-3}}
+                                    "shortfall": shortfall, "chosen": {"lora": 5e-4, "fwlora": 1e-3},
+                                    "at_edge": {"fwlora": "largest"}}
     write_json(root / "bench.json", bench)
     for method in ("lora", "fwlora"):
         write_run(root, "cola", "r2", method, 0, final=0.5)
@@ -104,6 +105,8 @@ def test_learning_rates_of_a_frozen_preset_are_shown(tmp_path: Path):
     assert "| LoRA | 5e-4 | cola | 0.4000 | **0.4500** | failed |" in md
     assert "| FW-LoRA | 1e-3 | cola | 0.4100 | 0.4400 | **0.4700** |" in md
     assert "| LoRA | 5e-4 | shortfall, summed over tasks | 0.0500 | **0.0000** | 0.0500 |" in md
+    assert "FW-LoRA's lr is the grid's largest: one beyond it was not tried, and may do better." in md
+    assert md.count("lr is the grid's") == 1  # LoRA's 5e-4 is inside the grid
     # before the main table: the lrs are part of how the runs were made
     assert md.index("### Learning rates") < md.index("### Main table")
     # a bench without a frozen preset has no such section

@@ -136,6 +136,7 @@ class ColumnChoice:
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)  # task -> lr label -> metric
     shortfall: dict[str, float] = field(default_factory=dict)  # lr label -> summed shortfall
     chosen: float | None = None
+    edge: str | None = None  # "largest" / "smallest": the choice sits at the grid's end, so a lr beyond may do better
 
 
 def choose(columns: list[str], lrs: tuple[float, ...], records: list[RunRecord]) -> dict[str, ColumnChoice]:
@@ -170,6 +171,8 @@ def choose(columns: list[str], lrs: tuple[float, ...], records: list[RunRecord])
             choice.scores[task] = values
         choice.shortfall = totals
         choice.chosen = min(lrs, key=lambda lr: (round(totals[lr_label(lr)], 12), lr))
+        if len(lrs) > 1:
+            choice.edge = {max(lrs): "largest", min(lrs): "smallest"}.get(choice.chosen)
         out[column] = choice
     return out
 
@@ -211,6 +214,7 @@ def freeze(preset: dict[str, Any], output_dir: Path, commit: str | None) -> tupl
         "chosen": {c: ch.chosen for c, ch in choices.items()},
         "scores": {c: ch.scores for c, ch in choices.items()},
         "shortfall": {c: ch.shortfall for c, ch in choices.items()},
+        "at_edge": {c: ch.edge for c, ch in choices.items() if ch.edge},
     }
     path = Path(output_dir) / FROZEN_FILE
     header = (f"# Frozen by `fwlora bench --lr-search` from {preset.get('source')} (search runs: {output_dir}, "
@@ -230,7 +234,8 @@ def describe(choices: dict[str, ColumnChoice]) -> str:
             per_task = ", ".join(f"{t} {'failed' if v[label] is None else f'{v[label]:.4f}'}"
                                  for t, v in choice.scores.items())
             cells.append(f"  {mark} lr {label:8s} {per_task}  (shortfall {total:.4f})")
-        lines.append(f"{column}: lr {lr_label(choice.chosen or 0)}")
+        edge = f" (the grid's {choice.edge} lr: one beyond it was not tried)" if choice.edge else ""
+        lines.append(f"{column}: lr {lr_label(choice.chosen or 0)}{edge}")
         lines.extend(cells)
     return "\n".join(lines)
 

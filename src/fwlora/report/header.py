@@ -119,4 +119,6 @@ def learning_rate_lines(choice: LrChoice | None, cols: Columns) -> list[str]:
             f"Each column's learning rate was chosen on the design seed {choice.seed} before any evaluation "
             f"seed ran ({choice.rule}). The final metric of every lr on that seed, the chosen one in bold:",
             "",
-            markdown_table(["column", "chosen lr", "task", *[f"lr {label}" for label in lr_labels]], rows)]
+            markdown_table(["column", "chosen lr", "task", *[f"lr {label}" for label in lr_labels]], rows),
+            *([""] + [f"{cols.name(c)}'s lr is the grid's {end}: one beyond it was not tried, and may do better."
+                      for c, end in choice.at_edge.items()] if choice.at_edge else [])]

@@ -88,6 +88,7 @@ class LrChoice:
     scores: Mapping[str, Mapping[str, Mapping[str, float | None]]]  # column -> task -> lr label -> metric
     # column -> lr label -> shortfall from each task's best lr, summed over tasks
     shortfall: Mapping[str, Mapping[str, float]]
+    at_edge: Mapping[str, str] = field(default_factory=dict)  # column -> "largest" / "smallest" lr of the grid
 
     @classmethod
     def from_block(cls, block: Any) -> LrChoice | None:
@@ -97,7 +98,8 @@ class LrChoice:
             chosen = {str(column): float(lr) for column, lr in (block.get("chosen") or {}).items()}
             lrs = tuple(float(x) for x in block["lrs"])
             scores, shortfall = dict(block.get("scores") or {}), dict(block.get("shortfall") or {})
-            return cls(str(block.get("rule") or ""), int(block["seed"]), lrs, chosen, scores, shortfall)
+            at_edge = {str(column): str(end) for column, end in (block.get("at_edge") or {}).items()}
+            return cls(str(block.get("rule") or ""), int(block["seed"]), lrs, chosen, scores, shortfall, at_edge)
         except (KeyError, TypeError, ValueError) as e:  # a hand-edited preset: the report goes on without it
             log.warning("bench.json: cannot read the preset's lr_choice (%s)", e)
             return None
