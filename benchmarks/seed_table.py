@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from fwlora.lr_search import lr_label  # noqa: E402
 from fwlora.records import Status  # noqa: E402
 from fwlora.report import Cell, discover, summarise_protocol  # noqa: E402
 from fwlora.report.text import fmt, fmt_ci, fmt_count, fmt_mean_std, fmt_ratio, markdown_table  # noqa: E402
@@ -46,7 +47,7 @@ def cells_of(run_dirs: Sequence[Path]) -> tuple[list[Cell], dict[tuple[str, str,
         found: dict[tuple[str, str, str], set[float]] = {}
         for run in p.runs:
             found.setdefault((run.task, run.budget_label, run.label), set()).add(float(run.config.get("lr", "nan")))
-        lrs.update({key: ", ".join(f"{v:g}" for v in sorted(values)) for key, values in found.items()})
+        lrs.update({key: ", ".join(lr_label(v) for v in sorted(values)) for key, values in found.items()})
     return cells, lrs
 
 
@@ -63,7 +64,8 @@ def beside_the_seed(cells: Sequence[Cell]) -> str:
             st = cell.columns.get(label)
             expected = SEED_EXPECTED[cell.task].get(label)
             ours = (f"{_scaled(st.final.mean)} ± {_scaled(st.final.std)} (n={st.final.n})"
-                    if st is not None and st.final.mean is not None else "not run")
+                    if st is not None and st.final.mean is not None
+                    else "failed" if st is not None and st.seeds.failed else "not run")
             ratio = 1.0 if label == "lora" else (st.time_ratio.median if st is not None and st.time_ratio else None)
             rows.append([cell.task, label, fmt(expected, 1) if expected is not None else "—", ours,
                          fmt(SEED_TIME[label], 2) + "x" if label in SEED_TIME else "—", fmt_ratio(ratio)])
@@ -104,11 +106,11 @@ def shared_lr_rows(run_dirs: Sequence[Path]) -> str:
     rows = []
     for p in discover(run_dirs):
         for run in p.runs:
-            if run.status != Status.COMPLETE or abs(float(run.config.get("lr", 0)) - SHARED_LR) > 1e-12:
+            if abs(float(run.config.get("lr", 0)) - SHARED_LR) > 1e-12 or run.status == Status.RUNNING:
                 continue
-            final = run.result.final
-            metric = "mcc" if run.task == "cola" else "accuracy"
-            rows.append([run.task, run.budget_label, run.method, str(run.seed), _scaled(final.get(metric))])
+            value = run.result.metric_value("final") if run.result is not None else None
+            rows.append([run.task, run.budget_label, run.label, str(run.seed),
+                         _scaled(value) if run.result is not None else str(run.status.value)])
     rows.sort()
     return markdown_table(["task", "budget", "method", "seed", "final at lr 2e-4 (x100)"], rows)
 

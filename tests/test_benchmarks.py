@@ -236,7 +236,9 @@ def test_seed_table_puts_the_bench_beside_the_seed_s_expected_numbers(tmp_path):
     assert "| cola | r2 | fwlora − lora | +0.030 [+0.030, +0.030]" in text  # both pairs differ by 0.03
     assert "| cola | r1 | adalora − lora | +0.020 [" in text  # seeds 0-1: +0.01, +0.03
     shared = text.split("every method at lr 2e-4")[1]
-    assert shared.count("| cola |") == 16  # every complete run at the shared lr: 18 planned, 1 failed, 1 running
+    assert shared.count("| cola |") == 17  # every run at the shared lr but the one still running
+    assert "| cola | r1 | adalora | 2 | failed |" in shared
+    assert "| cola | r2 (0.384 %) | fwlora | 0.540 ± 0.014 | 2 | — | — | 1.06x | 2e-4 |" in text  # lrs as the search labels them
     with pytest.raises(SystemExit) as stop:
         seed_table.main([str(tmp_path / "nowhere")])
     assert stop.value.code == 2

@@ -98,3 +98,6 @@ def test_trains_through_the_cli_timed_and_predicts(tmp_path, glue_dir, capsys):
     assert f"mcc {record['final']['mcc']:.4f}" in capsys.readouterr().err
     assert main(tiny(glue_dir, tmp_path / "bad", "--method", "specwide", "--rank", "2", "--specwide-gamma", "-1")) == 2
     assert "gamma" in error_line(capsys)
+    # widecut's checks, inherited, name this method's flags
+    assert main(tiny(glue_dir, tmp_path / "late", "--method", "specwide", "--rank", "2", "--specwide-cut-at", "1000")) == 2
+    assert error_line(capsys).endswith("lower --specwide-cut-at")

@@ -101,3 +101,10 @@ def test_widecut_trains_through_the_cli_and_records_its_parameters(tmp_path, glu
     assert budget["trained_adapter_params_mean"] <= 3 * per_rank + 1e-6  # no more than AdaLoRA's init_r on average
     assert record["method_info"]["cut_at"] == 2 and record["method_info"]["width"] == 4
     assert {m["name"] for m in record["matrices"] if "widecut_rank" in m}
+
+
+def test_uniform_keeps_lora_s_rank_above_r_max():
+    """r_max bounds the greedy rules only: a uniform cut at rank 2 with r_max 1 still keeps rank 2 everywhere
+    (LoRA's budget), where capping it would silently halve the adapter."""
+    model, cut, _ = train_wide("uniform", steps=3, cut_at=3, r_max=1)
+    assert set(cut.ranks.values()) == {2} and cut.param_counts["after"] == cut.budget

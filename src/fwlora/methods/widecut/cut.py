@@ -91,9 +91,8 @@ class WideCut:
     def _cut(self) -> None:
         if self._hooks is not None:
             self._hooks.detach()
-        cap = {n: min(self.config.r_max, self.width, *self.dims[n]) for n in self.names}
-        if self.config.rule == "uniform":
-            ranks = uniform_ranks(self.names, self.rank, cap)
+        if self.config.rule == "uniform":  # r_max bounds the greedy rules only: uniform keeps LoRA's rank everywhere
+            ranks = uniform_ranks(self.names, self.rank, {n: min(self.width, *self.dims[n]) for n in self.names})
         else:
             if self.config.rule == "update":
                 self.spectra = {n: update_spectrum(self.layers[n], self.adapter_name) for n in self.names}
@@ -103,6 +102,7 @@ class WideCut:
                     basis, gram, count = self._inputs.get(n, [layer.lora_A[self.adapter_name].weight, torch.zeros(1, 1), 0])
                     self.spectra[n] = output_energy(lora_delta(layer, self.adapter_name), basis, gram, count)
             cost = {n: sum(self.dims[n]) for n in self.names}
+            cap = {n: min(self.config.r_max, self.width, *self.dims[n]) for n in self.names}
             ranks = allocate_spectrum(self.spectra, cost, self.budget, cap)
         self.ranks = same_on_every_process({n: ranks[n] for n in self.names}, next(self.model.parameters()).device)
         self._inputs = {}

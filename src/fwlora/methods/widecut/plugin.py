@@ -56,18 +56,19 @@ class WideCutLoRA(Method):
 
     def check(self) -> list[str]:
         s, run = self.settings, self.run
+        cut_flag, width_flag = (self.flat_name(f).replace("_", "-") for f in ("cut_at", "width"))
         k, total = self.config().cut_at, run.total_steps
         if k >= total:
             given = s.cut_at if k == s.cut_at else f"{s.cut_at} ({k} steps)"
-            raise UserError(f"widecut-cut-at = {given} >= the run's {total} optimizer steps: the model would never be "
-                            "cut to the budget; lower --widecut-cut-at")
+            raise UserError(f"{cut_flag} = {given} >= the run's {total} optimizer steps: the model would never be "
+                            f"cut to the budget; lower --{cut_flag}")
         init_r = math.ceil(1.5 * run.rank)
         width = s.width if s.width is not None else init_r
         if width < run.rank:
-            raise UserError(f"widecut-width = {width} < the run's rank {run.rank}: nothing to cut")
+            raise UserError(f"{width_flag} = {width} < the run's rank {run.rank}: nothing to cut")
         mean = (k * width + (total - k) * run.rank) / total
         if mean > init_r + 1e-9:
-            raise UserError(f"widecut-width = {width} until step {k} of {total} trains {mean:.2f} ranks on average, more "
+            raise UserError(f"{width_flag} = {width} until step {k} of {total} trains {mean:.2f} ranks on average, more "
                             f"than AdaLoRA's {init_r} (init_r at rank {run.rank}); cut earlier or train narrower")
         return []
 
