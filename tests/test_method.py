@@ -159,7 +159,7 @@ def test_penalty_and_its_gradients_equal_the_explicit_form(rslora, dropout):
 
 
 def test_closed_form_gradients_of_the_gram_term():
-    """METHOD.md: d/dB = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A."""
+    """docs/method.md: d/dB = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A."""
     torch.manual_seed(0)
     a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

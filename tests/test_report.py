@@ -352,4 +352,4 @@ def test_reduced_protocol_lists_differences():
     small = {**ref, "epochs": 1, "train_limit": 500, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.1, "model": "minilm"}
     notes = report.reduced_protocol([small, ref])
     assert {n.split(" =")[0] for n in notes} == {"epochs", "train_limit", "lr", "batch_size", "warmup_ratio", "model"}
-    assert "epochs = 1 (1 run) (METHOD.md: 3)" in notes
+    assert "epochs = 1 (1 run) (the seed: 3)" in notes

@@ -59,7 +59,7 @@ def make_config(tmp_path: Path, glue_dir: Path, methods=("lora",), trials: int =
                              output_dir=str(tmp_path / "out"), **kw)
 
 
-# release 1's DEFAULT_SPACE (METHOD.md's ranges): the registry-built default must reproduce it
+# release 1's DEFAULT_SPACE (the seed's ranges, docs/method.md): the registry-built default must reproduce it
 RELEASE1_DEFAULT_SPACE = {
     "lr": {"type": "float", "low": 1e-4, "high": 3e-4, "log": True},
     "lambda_fw": {"type": "float", "low": 5e-5, "high": 5e-4, "log": True, "methods": ["fwlora"]},
