@@ -56,8 +56,8 @@ class TrainConfig:
     budget: float | None = _setting(None, "adapter budget in %% of the backbone's parameters (0.2 = 0.2 "
                                     "%%), mapped to the nearest rank; 0.2 when neither --budget nor --rank "
                                     "is given")
-    rank: int | None = _setting(None, "LoRA rank directly (instead of --budget); AdaLoRA: target_r = rank, "
-                                "init_r = ceil(1.5 rank)")
+    rank: int | None = _setting(None, "LoRA rank directly (instead of --budget); a method that moves ranks "
+                                "between matrices ends at this average rank (its own flags say how it starts)")
     target_modules: list[str] | None = _setting(None, "comma-separated module-name suffixes to adapt "
                                                 "(default: the architecture's attention and feed-forward "
                                                 "projections: the README's Backbones table)")
