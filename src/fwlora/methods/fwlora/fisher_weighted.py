@@ -17,7 +17,6 @@ have FW-LoRA in another project.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,14 +25,13 @@ from torch import nn
 from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.fwlora.config import FWLoRAConfig
 from fwlora.methods.fwlora.penalty import delta_weight_sq_norm, normalise, penalty_weights
-from fwlora.methods.gradients import (GradientStatistic, check_reachable, find_lora_layers, is_fraction,
-                                      matches_saved, read_state_file, save_state_file, single_active_adapter,
-                                      stat_dtype)
+from fwlora.methods.gradients import (GradientStatistic, SavedState, check_reachable, find_lora_layers,
+                                      is_fraction, matches_saved, single_active_adapter, stat_dtype)
 
 STATE_FILE = "fwlora_state.safetensors"
 
 
-class FisherWeightedLoRA:
+class FisherWeightedLoRA(SavedState):
     """FW-LoRA on a PEFT LoRA model.
 
     Usage, once per optimizer step (any number of backward passes in between):
@@ -44,6 +42,8 @@ class FisherWeightedLoRA:
     total_steps: the run's optimizer steps, needed when warmup_steps is a fraction of the run (0.25), and
     used to refuse a K the run never reaches.
     """
+
+    state_file, state_what, config_class = STATE_FILE, "FW-LoRA", FWLoRAConfig
 
     def __init__(self, model: nn.Module, config: FWLoRAConfig | None = None, adapter_name: str | None = None,
                  total_steps: int | None = None):
@@ -219,29 +219,15 @@ class FisherWeightedLoRA:
         if not self.in_warmup:
             self._finish_warmup()
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the state as safetensors beside a PEFT adapter (no pickle)."""
-        state = self.state_dict()
-        return save_state_file(Path(directory) / STATE_FILE, {k: state[k] for k in ("fisher", "first_nonfinite")},
-                               {k: state[k] for k in ("steps_done", "names", "config")})
-
-    def load(self, directory: str | Path) -> None:
-        self.load_state_dict(_read_state(directory))
+    def pack_tensors(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: state.pop(k) for k in ("fisher", "first_nonfinite")}
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "FisherWeightedLoRA":
-        """Rebuild FW-LoRA from a directory written by save(), for a model carrying the same adapter."""
-        state = _read_state(directory)
-        fw = cls(model, FWLoRAConfig(**state["config"]))
-        fw.load_state_dict(state)
-        return fw
+    def unpack_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {**meta, "fisher": tensors["fisher"], "first_nonfinite": tensors["first_nonfinite"]}
 
     def remove(self) -> None:
         """Detach the hooks (the model is left as it was)."""
         if self.statistic is not None:
             self.statistic.remove()
 
-
-def _read_state(directory: str | Path) -> dict[str, Any]:
-    meta, tensors = read_state_file(Path(directory) / STATE_FILE, "FW-LoRA")
-    return {**meta, "fisher": tensors["fisher"], "first_nonfinite": tensors["first_nonfinite"]}

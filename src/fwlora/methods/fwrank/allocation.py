@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,14 +29,14 @@ from fwlora.methods.fwrank.config import FWRankConfig
 from fwlora.lowrank import lora_delta
 from fwlora.methods.ranks import (ResizeReport, allocate_proportional, allocate_spectrum, lora_tuner, output_energy,
                                   resize_lora_ranks, uniform_ranks, update_spectrum)
-from fwlora.methods.gradients import (GradientHooks, GradientStatistic, check_reachable, find_lora_layers, is_fraction,
-                                      matches_saved, read_state_file, same_on_every_process, save_state_file,
+from fwlora.methods.gradients import (GradientHooks, GradientStatistic, SavedState, check_reachable,
+                                      find_lora_layers, is_fraction, matches_saved, same_on_every_process,
                                       single_active_adapter, stat_dtype)
 
 RANK_STATE_FILE = "fwrank_state.safetensors"
 
 
-class FisherRankAllocation:
+class FisherRankAllocation(SavedState):
     """Fisher-guided rank allocation on a PEFT LoRA model.
 
     Usage, once per optimizer step (any number of backward passes in between):
@@ -50,6 +49,8 @@ class FisherRankAllocation:
     it is compressed. Under DDP the model must be re-wrapped after the resize (its parameters changed).
     total_steps: the run's optimizer steps, needed when warmup_steps is a fraction of the run (0.25).
     """
+
+    state_file, state_what, config_class = RANK_STATE_FILE, "fwrank", FWRankConfig
 
     def __init__(self, model: nn.Module, config: FWRankConfig | None = None, adapter_name: str | None = None,
                  total_steps: int | None = None):
@@ -308,24 +309,16 @@ class FisherRankAllocation:
         self._moments, self._mean = {}, {}
         self._apply_ranks()
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the state as safetensors plus JSON metadata (no pickle)."""
-        state = self.state_dict()
+    def pack_tensors(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         tensors = {f"moment:{n}": m for n, m in state.pop("moments").items()}
         tensors |= {f"mean:{n}": m for n, m in state.pop("means").items()}
-        tensors |= {f"gain:{n}": g for n, g in state.pop("gains").items()}
-        return save_state_file(Path(directory) / RANK_STATE_FILE, tensors, state)
-
-    def load(self, directory: str | Path) -> None:
-        self.load_state_dict(read_state(directory))
+        return tensors | {f"gain:{n}": g for n, g in state.pop("gains").items()}
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "FisherRankAllocation":
-        """Rebuild from a directory written by save(), for a model at the warm-up or the resized shapes."""
-        state = read_state(directory)
-        fr = cls(model, FWRankConfig(**state["config"]))
-        fr.load_state_dict(state)
-        return fr
+    def unpack_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        for kind, key in (("moment", "moments"), ("mean", "means"), ("gain", "gains")):
+            meta[key] = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith(kind + ":")}
+        return meta
 
     def remove(self) -> None:
         """Detach the hooks (the model is left as it is)."""
@@ -341,10 +334,3 @@ def _all_finite(pieces: list[torch.Tensor]) -> torch.Tensor:
     """Whether every piece is finite, as a 0-dim bool on the device (torch.where selects with it, no host sync)."""
     return torch.stack([q.abs().sum() for q in pieces]).isfinite().all()
 
-
-def read_state(directory: str | Path) -> dict[str, Any]:
-    """The saved state of a FisherRankAllocation (safetensors + JSON metadata)."""
-    state, tensors = read_state_file(Path(directory) / RANK_STATE_FILE, "fwrank")
-    for kind, key in (("moment", "moments"), ("mean", "means"), ("gain", "gains")):
-        state[key] = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith(kind + ":")}
-    return state

@@ -32,10 +32,10 @@ from fwlora.methods.gradients.distributed import average_over_processes, same_on
 from fwlora.methods.gradients.hooks import GradientHooks
 from fwlora.methods.gradients.layers import find_lora_layers, is_linear, layer_dims, single_active_adapter
 from fwlora.methods.gradients.settings import DEFAULT_MEASURE_EVERY, WarmupConfig, check_reachable, matches_saved
-from fwlora.methods.gradients.state_file import read_state_file, save_state_file
+from fwlora.methods.gradients.state_file import SavedState, read_state_file, save_state_file
 from fwlora.methods.gradients.statistic import GradientStatistic, stat_dtype
 
 __all__ = ["DEFAULT_MEASURE_EVERY", "FWLoRAError", "GradientHooks", "GradientStatistic", "WarmupConfig",
            "average_over_processes", "check_reachable", "find_lora_layers", "is_fraction", "is_int", "is_linear",
-           "is_real", "layer_dims", "matches_saved", "read_state_file", "same_on_every_process", "save_state_file",
+           "is_real", "layer_dims", "matches_saved", "read_state_file", "SavedState", "same_on_every_process", "save_state_file",
            "single_active_adapter", "stat_dtype"]
