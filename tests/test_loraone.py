@@ -158,3 +158,16 @@ def test_trains_through_the_cli_and_predicts(tmp_path, glue_dir, capsys, method)
         loaded = {n.removeprefix("base_model.model."): int(m.r["default"]) for n, m in
                   load_run(out).model.named_modules() if isinstance(m, LoraLayer) and "classifier" not in n}
         assert loaded == record["method_info"]["ranks"]
+
+
+@pytest.mark.parametrize("method", ["loraone", "gora", "specwide"])
+def test_a_quantized_backbone_is_refused_by_the_shared_refusal(method):
+    """The gradient-driven methods refuse a 4-bit backbone through Method.check, as PEFT's family does."""
+    from fwlora.errors import UserError
+
+    cls = get(method)
+    run = run_info(quantized=True)
+    with pytest.raises(UserError, match=rf"^--method {method} with --load-in-4bit: it reads the gradient of each "
+                                        "full-precision base weight") as e:
+        cls(cls.make_settings({}, run), run).check()
+    assert "\n" not in str(e.value)

@@ -42,6 +42,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
+from fwlora.errors import UserError
 from fwlora.records import RunRecord
 
 
@@ -176,6 +177,8 @@ class Method:
     # True: build() does work of its own on the weights (an SVD of each, a data pass): the loop runs it on the
     # training device and counts its seconds as training time (timing.init_seconds). uses_data_pass implies it.
     timed_init: ClassVar[bool] = False
+    # why this method cannot train on a 4-bit backbone (None: it can); check() refuses such a run in one line
+    refuses_quantized: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, run: RunInfo):
         self.settings = settings
@@ -224,7 +227,11 @@ class Method:
     # ---- the hooks the loop calls ---------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Refuse settings that cannot work for this run (raise UserError), or return notes to record."""
+        """Refuse settings that cannot work for this run (raise UserError), or return notes to record. An
+        override calls super().check() first: the refusal of a 4-bit backbone lives here."""
+        if self.run.quantized and self.refuses_quantized:
+            raise UserError(f"--method {self.name} with --load-in-4bit: {self.refuses_quantized}; "
+                            "train it on a float backbone (--dtype bfloat16 saves memory)")
         return []
 
     def build(self, model: nn.Module) -> nn.Module:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
-from fwlora.errors import UserError
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.lora import default_alpha
 from fwlora.lowrank import LowRank
@@ -47,17 +46,8 @@ class PeftLoRA(Method):
     it: EVA's SVD pass)."""
 
     time_hypothesis = None  # no claim on time: the report shows the ratios
-    # why PEFT cannot build this method on a 4-bit backbone (None: it can)
-    refuses_quantized: ClassVar[str | None] = None
-
     def config_fields(self) -> dict[str, Any]:
         return {}
-
-    def check(self) -> list[str]:
-        if self.run.quantized and self.refuses_quantized:
-            raise UserError(f"--method {self.name} with --load-in-4bit: {self.refuses_quantized}; "
-                            "train it on a float backbone (--dtype bfloat16 saves memory)")
-        return []
 
     def lora_config(self) -> Any:
         """PEFT's LoraConfig of this run (and self.lora_alpha, the scaling's alpha)."""

@@ -22,6 +22,9 @@ from fwlora.errors import MethodError, NonFiniteFisherError
 from fwlora.methods.base import DataPass
 from fwlora.methods.gradients import average_over_processes
 
+# why a method that reads these gradients cannot train on a 4-bit backbone (its Method.refuses_quantized)
+NEEDS_WEIGHT_GRADIENTS = "it reads the gradient of each full-precision base weight, which a 4-bit backbone does not have"
+
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's frozen weight as (d_out, d_in) (GPT-2's Conv1D stores it transposed)."""

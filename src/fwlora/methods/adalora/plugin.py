@@ -113,6 +113,7 @@ class AdaLoRA(Method):
     report_info, report_info_note = SCHEDULE_INFO, "PEFT; values over all budgets"
 
     def check(self) -> list[str]:
+        super().check()
         s = self.settings
         self.schedule = AdaLoraSchedule.scaled(self.run.total_steps, s.tinit, s.tfinal, s.delta)
         if s.init_r is not None and s.init_r < self.run.rank:

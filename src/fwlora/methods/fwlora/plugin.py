@@ -58,6 +58,7 @@ class FWLoRA(Method):
         return self.settings.to_config().resolve(self.run.total_steps)
 
     def check(self) -> list[str]:
+        super().check()
         k, total = self.config().warmup_steps, self.run.total_steps
         if k < total:
             return []

@@ -60,6 +60,7 @@ class FWRank(Method):
         return self.settings.to_config().resolve(self.run.total_steps)
 
     def check(self) -> list[str]:
+        super().check()
         s, run = self.settings, self.run
         k = self.config().warmup_steps
         if k >= run.total_steps:

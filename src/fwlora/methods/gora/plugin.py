@@ -28,7 +28,7 @@ from fwlora.methods.gora.init import fit_b
 from fwlora.methods.gradients import find_lora_layers, same_on_every_process
 from fwlora.methods.ranks import refresh_optimizer, resize_lora_ranks
 from fwlora.methods.registry import register
-from fwlora.methods.weight_grads import base_weight, weight_gradients
+from fwlora.methods.weight_grads import NEEDS_WEIGHT_GRADIENTS, base_weight, weight_gradients
 
 STATE_FILE = "gora_state.json"
 
@@ -76,11 +76,10 @@ class GoRA(Method):
     rank_column, importance_column = "gora_rank", "gora_importance"
     figures = ("ranks",)
     uses_data_pass = True
+    refuses_quantized = NEEDS_WEIGHT_GRADIENTS
 
     def check(self) -> list[str]:
-        if self.run.quantized:
-            raise UserError("--load-in-4bit: GoRA reads the gradient of each full-precision base weight, which a "
-                            "4-bit backbone does not have; train on a bfloat16 or float32 backbone")
+        super().check()
         r_min, r_max = self.settings.bounds(self.run.rank)
         if r_min > self.run.rank:
             raise UserError(f"gora-min-rank = {r_min} > the run's rank {self.run.rank}: the floors alone would spend "

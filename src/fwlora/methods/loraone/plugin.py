@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from fwlora.checks import is_real
-from fwlora.errors import UserError, bad_setting
+from fwlora.errors import bad_setting
 from fwlora.methods.base import Method, lora_config
 from fwlora.methods.gradients import find_lora_layers
 from fwlora.methods.loraone.init import precondition_
 from fwlora.methods.loraone.start import SpectralStartSettings, spectral_start
 from fwlora.methods.registry import register
+from fwlora.methods.weight_grads import NEEDS_WEIGHT_GRADIENTS
 
 PRECONDITIONERS = ("none", "riemannian")
 
@@ -51,12 +52,7 @@ class LoRAOne(Method):
                     "loraone_preconditioner": {"type": "categorical", "choices": list(PRECONDITIONERS)}}
     colour, line_style = "tab:cyan", ("--", "v")
     uses_data_pass = True
-
-    def check(self) -> list[str]:
-        if self.run.quantized:
-            raise UserError("--load-in-4bit: LoRA-One reads the gradient of each full-precision base weight, which a "
-                            "4-bit backbone does not have; train on a bfloat16 or float32 backbone")
-        return []
+    refuses_quantized = NEEDS_WEIGHT_GRADIENTS
 
     def build(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from fwlora.errors import UserError
 from fwlora.methods.loraone.start import SpectralStartSettings, spectral_start
 from fwlora.methods.registry import register
+from fwlora.methods.weight_grads import NEEDS_WEIGHT_GRADIENTS
 from fwlora.methods.widecut.plugin import WideCutLoRA, WideCutSettings
 
 
@@ -44,12 +44,7 @@ class SpectralWideCut(WideCutLoRA):
     colour, line_style = "darkslategray", ("-.", "H")
     rank_column = "specwide_rank"
     uses_data_pass = True
-
-    def check(self) -> list[str]:
-        if self.run.quantized:
-            raise UserError("--load-in-4bit: spectral widecut reads the gradient of each full-precision base weight, "
-                            "which a 4-bit backbone does not have; train on a bfloat16 or float32 backbone")
-        return super().check()
+    refuses_quantized = NEEDS_WEIGHT_GRADIENTS
 
     def build(self, model: nn.Module) -> nn.Module:
         peft_model = super().build(model)  # LoRA at the width, PEFT's initialisation

@@ -55,6 +55,7 @@ class WideCutLoRA(Method):
         return self.settings.to_config().resolve(self.run.total_steps)
 
     def check(self) -> list[str]:
+        super().check()
         s, run = self.settings, self.run
         cut_flag, width_flag = (self.flat_name(f).replace("_", "-") for f in ("cut_at", "width"))
         k, total = self.config().cut_at, run.total_steps
