@@ -1,7 +1,7 @@
 """PEFT's LoRA family as methods (rsLoRA, DoRA, PiSSA, OLoRA, LoRA-GA, EVA, LoRA+), on a tiny random BERT:
 - each one's first optimizer steps through fwlora's setup and loop equal PEFT used directly, by hand (same seed,
-  same batches in the loop's order; PEFT's configs, preprocess_loraga, initialize_lora_eva_weights and
-  create_loraplus_optimizer called here): the same losses and weights;
+  same batches in the loop's order; PEFT's configs, preprocess_loraga and initialize_lora_eva_weights called
+  here, LoRA+'s groups written by hand with the head at lr): the same losses and weights;
 - `fwlora train --method X` runs, and the saved run loads back (load_run) and merges (export_run) with the logits
   the model had when training ended (PiSSA, OLoRA and LoRA-GA through PEFT's conversion to a plain LoRA on the
   untouched backbone, head included);
@@ -89,8 +89,17 @@ def peft_by_hand(method: str, tiny_dir: Path, seed: int, targets: list[str], hea
     model = get_peft_model(base, config)
     if method == "eva":
         initialize_lora_eva_weights(model, dataloader=batches[:2], show_progress_bar=False)
-    if method == "loraplus":
-        return model, create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16.0)
+    if method == "loraplus":  # the paper's rule by hand: B at 16 x lr, A and the task head at lr
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trained if "lora_A" in n], "lr": LR},
+                  {"params": [p for n, p in trained if "lora_B" in n], "lr": 16.0 * LR},
+                  {"params": [p for n, p in trained if ".modules_to_save." in n], "lr": LR}]
+        assert sum(len(g["params"]) for g in groups) == len(trained)
+        peft_groups = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16.0).param_groups
+        head_bias = next(p for n, p in trained if ".modules_to_save." in n and n.endswith("bias"))
+        # why ours moves the head: PEFT's own grouping trains the head's bias at 16 x lr
+        assert any(g["lr"] == 16.0 * LR and any(p is head_bias for p in g["params"]) for g in peft_groups)
+        return model, torch.optim.AdamW(groups, lr=LR, weight_decay=0.0)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
 

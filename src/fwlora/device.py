@@ -31,25 +31,31 @@ def tf32_enabled(device: torch.device) -> bool | None:
     return bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None
 
 
-def warm_up_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+def warm_up_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor],
                  batch: dict[str, Any], device: torch.device) -> None:
     """One forward, backward and optimizer step before anything is timed (kernel loading, cuBLAS and allocator
     set-up, thread pools, the first all-reduce), then undone: parameters, optimizer state, gradients, RNG and
-    train/eval mode are as they were, so the run's numbers are those of a run without it."""
+    train/eval mode are as they were, so the run's numbers are those of a run without it. Without an optimizer
+    (before a method's timed build) only the forward and backward: nothing changes but the gradients, cleared."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().clone() for p in params] if optimizer is not None else []
     was_training = model.training
     model.train()
     try:
-        model(**batch).loss.backward()
-        optimizer.step()
+        loss = model(**batch).loss
+        if loss.requires_grad:  # a frozen (4-bit) backbone before its adapter: the forward alone
+            loss.backward()
+        if optimizer is not None:
+            optimizer.step()
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
+            for p in params:
                 p.grad = None
-        optimizer.state.clear()  # AdamW makes its state at its first step
+        if optimizer is not None:
+            optimizer.state.clear()  # AdamW makes its state at its first step
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)

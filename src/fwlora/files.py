@@ -91,6 +91,29 @@ def process_state():
     return PartialState(cpu=_launched() and not torch.cuda.is_available())
 
 
+def end_process_group() -> None:
+    """Under a launcher, take the process group down before the process exits, once every process is done with
+    it: a gloo group left to the interpreter's exit, or torn down while another process still talks to it, can
+    abort a process that finished its work ("terminate called without an active exception"), and the launcher
+    then reports the whole job failed. Nothing in a single process."""
+    if not _launched():
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:  # bounded: a process that died is the launcher's to report, not a reason to hang here
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=120))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True in a single process, and in the main process of a launched group (the one that writes run files)."""
     return not _launched() or process_state().is_main_process

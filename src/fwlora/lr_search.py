@@ -8,10 +8,14 @@ A preset asks for it with an `lr_search` block:
       seed: 100          # the design seed, apart from the evaluation seeds
       tasks: [cola]      # where the lrs are tried (default: the grid's tasks)
       ranks: [2]         # at which rank (default: the grid's first rank or budget)
+      extend: 2          # a column whose best lr sits at the grid's end gets up to 2 more lrs beyond it
 
 `fwlora bench --preset P --lr-search --output-dir D` runs one column per (method, lr) on the design seed
-(label `<method>_lr<lr>`, ordinary run directories), then writes D/frozen.yaml: the preset with each
-method's chosen lr and an `lr_choice` block saying what every lr scored and why the choice fell where it did.
+(label `<method>_lr<lr>`, ordinary run directories); where `extend` allows, a column whose choice sits at an end
+of the grid is tried at the next lr beyond that end (the end pair's ratio), one at a time, until its choice is
+inside its lrs or its extensions are spent: the same rule for every column, fixed before the search runs. It
+then writes D/frozen.yaml: the preset with each method's chosen lr and an `lr_choice` block saying what every
+lr scored and why the choice fell where it did.
 Commit that file, then run the evaluation seeds with it; a bench refuses a frozen preset that git does not
 hold unchanged (the held-out rule: the settings are fixed before an evaluation seed is seen).
 
@@ -62,6 +66,7 @@ class LrSearch:
     tasks: tuple[str, ...] = ()
     ranks: tuple[int, ...] = ()
     budgets: tuple[float, ...] = ()
+    extend: int = 0  # lrs a column may get beyond an end of the grid where its choice sits
 
     @classmethod
     def from_preset(cls, preset: dict[str, Any]) -> "LrSearch | None":
@@ -69,25 +74,30 @@ class LrSearch:
         if block is None:
             return None
         source = preset.get("source", "preset")
-        if not isinstance(block, dict) or set(block) - {"lrs", "seed", "tasks", "ranks", "budgets"}:
-            raise UserError(f"{source}: lr_search takes lrs, seed, tasks, ranks or budgets")
+        if not isinstance(block, dict) or set(block) - {"lrs", "seed", "tasks", "ranks", "budgets", "extend"}:
+            raise UserError(f"{source}: lr_search takes lrs, seed, tasks, ranks, budgets or extend")
         try:
             lrs = tuple(float(v) for v in block.get("lrs") or ())
             seed = int(block.get("seed", 100))
             tasks = tuple(str(t) for t in block.get("tasks") or ())
             ranks = tuple(int(r) for r in block.get("ranks") or ())
             budgets = tuple(float(b) for b in block.get("budgets") or ())
+            extend = block.get("extend", 0)
+            if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+                raise ValueError
         except (TypeError, ValueError):
-            raise UserError(f"{source}: lr_search: lrs and budgets are numbers, seed and ranks integers") from None
+            raise UserError(f"{source}: lr_search: lrs and budgets are numbers, seed and ranks integers, extend an "
+                            "integer >= 0") from None
         if len(lrs) < 2 or any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
             raise UserError(f"{source}: lr_search.lrs needs two or more distinct positive learning rates")
         if ranks and budgets or len(ranks) > 1 or len(budgets) > 1:
             raise UserError(f"{source}: lr_search takes one rank or one budget (the lrs are chosen at one size)")
-        return cls(tuple(sorted(lrs)), seed, tasks, ranks, budgets)
+        return cls(tuple(sorted(lrs)), seed, tasks, ranks, budgets, extend)
 
 
-def search_preset(preset: dict[str, Any]) -> dict[str, Any]:
-    """The preset whose grid is the search: each column once per lr, on the design seed only."""
+def search_preset(preset: dict[str, Any], extended: dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
+    """The preset whose grid is the search: each column once per lr (and per lr of `extended[column]`, the lrs
+    it earned beyond the grid's ends), on the design seed only."""
     search = LrSearch.from_preset(preset)
     if search is None:
         raise UserError(f"{preset.get('source', 'preset')} has no lr_search block: --lr-search needs one")
@@ -98,7 +108,7 @@ def search_preset(preset: dict[str, Any]) -> dict[str, Any]:
     new_columns = []
     for column in columns:
         base = dict(variants.get(column) or {"method": column})
-        for lr in search.lrs:
+        for lr in sorted({*search.lrs, *(extended or {}).get(column, ())}):
             label = column_label(column, lr)
             variants[label] = {**base, "lr": lr}
             new_columns.append(label)
@@ -190,13 +200,66 @@ def search_records(output_dir: Path, columns: list[str], search: LrSearch) -> li
     return records
 
 
+def beyond(lrs: tuple[float, ...], edge: str) -> float:
+    """The next lr past the grid's `edge` end ("largest" / "smallest"), at the ratio of the end pair."""
+    if edge == "largest":
+        return lrs[-1] * (lrs[-1] / lrs[-2])
+    return lrs[0] / (lrs[1] / lrs[0])
+
+
+def column_lrs(search: LrSearch, column: str, records: list[RunRecord]) -> tuple[tuple[float, ...], float | None]:
+    """A column's lrs so far (the grid, then each extension its records hold, in the order the rule asked for
+    them) and the next lr the rule still owes it: None once its choice is inside its lrs or `extend` is spent."""
+    tasks = {rec.task for rec in records}
+    ended = {(str(rec.config.get("label") or ""), rec.task) for rec in records
+             if rec.status in (Status.COMPLETE, Status.FAILED)}  # an interrupted run is owed until it ends
+    lrs = tuple(search.lrs)
+    while len(lrs) - len(search.lrs) < search.extend:
+        edge = choose([column], lrs, records)[column].edge
+        if edge is None:
+            break
+        lr = beyond(lrs, edge)
+        if any((column_label(column, lr), task) not in ended for task in tasks):
+            return lrs, lr
+        lrs = tuple(sorted((*lrs, lr)))
+    return lrs, None
+
+
+def extensions(preset: dict[str, Any], output_dir: Path) -> tuple[dict[str, tuple[float, ...]], dict[str, float]]:
+    """From the search's records: each column's lrs beyond the grid so far (those it is owed included), and the
+    next lr each column is still owed. No lr owed: the search is finished."""
+    search = LrSearch.from_preset(preset)
+    if search is None or not search.extend:
+        return {}, {}
+    columns = grid_columns(preset)
+    records = search_records(output_dir, columns, search)
+    extended, owed = {}, {}
+    for column in columns:
+        lrs, lr = column_lrs(search, column, records)
+        extra = set(lrs) - set(search.lrs) | ({lr} if lr is not None else set())
+        if extra:
+            extended[column] = tuple(sorted(extra))
+        if lr is not None:
+            owed[column] = lr
+    return extended, owed
+
+
 def freeze(preset: dict[str, Any], output_dir: Path, commit: str | None) -> tuple[Path, dict[str, ColumnChoice]]:
     """Write <output_dir>/frozen.yaml: the preset with each column's chosen lr and the lr_choice block."""
     search = LrSearch.from_preset(preset)
     if search is None:
         raise UserError(f"{preset.get('source', 'preset')} has no lr_search block")
     columns = grid_columns(preset)
-    choices = choose(columns, search.lrs, search_records(output_dir, columns, search))
+    records = search_records(output_dir, columns, search)
+    choices, extended = {}, {}
+    for column in columns:
+        lrs, owed = column_lrs(search, column, records)
+        if owed is not None:
+            raise UserError(f"{column}'s best lr sits at an end of the grid and lr {owed:g} beyond it has not run: "
+                            "run the search to its end first")
+        choices[column] = choose([column], lrs, records)[column]
+        if len(lrs) > len(search.lrs):
+            extended[column] = sorted(set(lrs) - set(search.lrs))
     frozen = {k: copy.deepcopy(v) for k, v in preset.items() if k not in ("source", "lr_search")}
     variants = frozen.setdefault("variants", {}) or {}
     per_method = frozen.setdefault("methods", {}) or {}
@@ -208,13 +271,16 @@ def freeze(preset: dict[str, Any], output_dir: Path, commit: str | None) -> tupl
     frozen["variants"], frozen["methods"] = variants, per_method
     if not frozen["variants"]:
         del frozen["variants"]
+    rule = RULE + (f"; a choice at an end of the grid earns the next lr beyond it, one at a time, up to "
+                   f"{search.extend} per column" if search.extend else "")
     frozen["lr_choice"] = {
-        "rule": RULE, "seed": search.seed, "lrs": list(search.lrs), "from": preset.get("source"),
+        "rule": rule, "seed": search.seed, "lrs": list(search.lrs), "from": preset.get("source"),
         "search_dir": str(output_dir), "search_commit": commit,
         "chosen": {c: ch.chosen for c, ch in choices.items()},
         "scores": {c: ch.scores for c, ch in choices.items()},
         "shortfall": {c: ch.shortfall for c, ch in choices.items()},
         "at_edge": {c: ch.edge for c, ch in choices.items() if ch.edge},
+        **({"extend": search.extend, "extended": extended} if search.extend else {}),
     }
     path = Path(output_dir) / FROZEN_FILE
     header = (f"# Frozen by `fwlora bench --lr-search` from {preset.get('source')} (search runs: {output_dir}, "

@@ -24,7 +24,7 @@ from fwlora import analysis, models
 from fwlora.checkpoint import PREVIOUS_DIR, TMP_DIR
 from fwlora.config import TrainConfig
 from fwlora.data_order import EpochSampler
-from fwlora.device import device_sync
+from fwlora.device import device_sync, set_tf32, warm_up_step
 from fwlora.errors import NonFiniteError, NonFiniteFisherError, TrainingInterrupted, UserError
 from fwlora.methods.base import DataPass, Method
 from fwlora.plan import build_method, plan_run, resolve_head
@@ -115,7 +115,7 @@ def setup(cfg: TrainConfig) -> Setup:
         models.enable_gradient_checkpointing(model)
     init_seconds = None
     if method.uses_data_pass or method.timed_init:
-        model, init_seconds = timed_build(cfg, method, model, task, tokenizer, data.train)
+        model, init_seconds = timed_build(cfg, method, model, task, tokenizer, data.train, targets)
     else:
         model = method.build(model)
     models.check_head_not_adapted(model)
@@ -166,21 +166,43 @@ def data_pass(cfg: TrainConfig, task: Any, tokenizer: Any, train_data: list[dict
 
 
 def timed_build(cfg: TrainConfig, method: Method, model: torch.nn.Module, task: Any, tokenizer: Any,
-                train_data: list[dict]) -> tuple[torch.nn.Module, float]:
+                train_data: list[dict], targets: list[str]) -> tuple[torch.nn.Module, float]:
     """The method's build where it does work of its own (a data pass, an SVD of every weight): on the training
     device, its seconds part of the run's training time (timing.init_seconds)."""
     device = training_device()
+    set_tf32(device, cfg.tf32 == "on")  # the build's SVDs and passes at the run's matmul precision
     if not cfg.load_in_4bit:  # a 4-bit backbone is placed where it loads
         model = model.to(device)
     if method.uses_data_pass:
         method.data = data_pass(cfg, task, tokenizer, train_data, next(model.parameters()).device)
+        warm_up_pass(model, method.data, targets, device)
     device_sync(device)
     start = time.perf_counter()
-    # the data pass draws dropout masks: on a fork of the RNG, so training sees the same draws as LoRA's run
+    # the data pass draws dropout masks: on a fork of the RNG, so the training's draws do not depend on how many
+    # batches the pass read (they still differ from LoRA's, whose build draws A from the same generator)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = method.build(model)
     device_sync(device)
     return model, time.perf_counter() - start
+
+
+def warm_up_pass(model: torch.nn.Module, data: DataPass, targets: list[str], device: torch.device) -> None:
+    """The one-off costs of a first forward and backward (kernels, allocator, threads) are not the method's: LoRA
+    pays them in the loop's untimed warm-up step, so a data pass pays them before its clock starts. Gradients
+    only for the adapted matrices' weights (what a gradient pass takes at most, not a backbone-sized buffer);
+    every flag and gradient is as it was afterwards."""
+    first = next(data.batches(1), None)
+    if first is None:
+        return
+    flags = {p: p.requires_grad for p in model.parameters()}
+    adapted = {f"{name}.weight" for name in models.adapted_linear_names(model, targets)}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in adapted and p.is_floating_point())
+        warm_up_step(model, None, [p for p in model.parameters() if p.requires_grad], first, device)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 # ---- the result --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fwlora.cli import bench, export, predict, report, sweep
 from fwlora.cli.flags import PROGRAM, add_train_flags, collect_train_settings
 from fwlora.config import TrainConfig
 from fwlora.errors import FWLoRAError, NonFiniteError, TrainingInterrupted
+from fwlora.files import end_process_group
 
 log = logging.getLogger(PROGRAM)
 
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        end_process_group()  # a normal return only: after an error another process may still be mid-collective
+        return code
     except FWLoRAError as e:  # UserError, DataError and the methods' MethodError
         print(f"fwlora: error: {e}", file=sys.stderr)
         return 2

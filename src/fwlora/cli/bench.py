@@ -12,7 +12,7 @@ from fwlora.bench import (Outcome, check_data, check_existing, groups, load_pres
 from fwlora.claims import STALE_AFTER, Worker, is_stale, read_claim
 from fwlora.cli.flags import PROGRAM, parse_sets
 from fwlora.errors import UserError
-from fwlora.files import is_main_process
+from fwlora.files import broadcast_from_main, is_main_process
 from fwlora.records import Status, run_status, write_bench
 from fwlora.rundir import environment
 
@@ -130,16 +130,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     check_existing(cells)
     check_data(cells)
-    with quiet_transformers():
-        warn_colliding_budgets(cells)
-        write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,
-                                 "set": train_overrides, "runs": [c.key for c in cells],
-                                 "frozen_preset_commit": frozen_commit})
-        statuses = run_bench(cells, output_dir, retry_failed=not args.no_retry_failed, worker=worker,
-                             steal=args.steal, stale_after=args.claim_timeout)
+    def run(cells: list, todo: list) -> tuple[dict, list[str], bool]:
+        """Run `todo` (of the planned `cells`): the statuses, the runs left to others, and whether this process
+        is the last one (the one that writes what sums the grid up)."""
+        with quiet_transformers():
+            warn_colliding_budgets(cells)
+            write_bench(output_dir, {"command": " ".join([PROGRAM] + sys.argv[1:]), "preset": preset,
+                                     "set": train_overrides, "runs": [c.key for c in cells],
+                                     "frozen_preset_commit": frozen_commit})
+            statuses = run_bench(todo, output_dir, retry_failed=not args.no_retry_failed, worker=worker,
+                                 steal=args.steal, stale_after=args.claim_timeout)
+        unfinished = [k for k, s in statuses.items() if s not in (Outcome.COMPLETE, Outcome.FAILED)]
+        return statuses, unfinished, is_main_process() and not unfinished and _grid_finished(cells)
+
+    statuses, unfinished, last = run(cells, cells)
+    while args.lr_search:  # a column whose best lr is at an end of the grid earns the next one beyond
+        # the last process decides what is owed; under torchrun every process then trains it
+        extended, owed = broadcast_from_main(lr_search.extensions(searched, output_dir) if last else ({}, {}))
+        if not owed:
+            break
+        preset = lr_search.search_preset(searched, extended)
+        cells = plan(preset, output_dir, {}, train_overrides)
+        # every extension not yet seen by this command (an interrupted one resumes, a failed one is retried once)
+        more, unfinished, last = run(cells, [c for c in cells if c.key not in statuses])
+        statuses.update(more)
     failed = [k for k, s in statuses.items() if s == Outcome.FAILED]
-    unfinished = [k for k, s in statuses.items() if s not in (Outcome.COMPLETE, Outcome.FAILED)]
-    last = is_main_process() and not unfinished and _grid_finished(cells)  # the one to write what sums the grid up
     if unfinished:  # held by live workers, or other workers' share (--no-steal): the last one writes the report
         held = sum(s == Outcome.HELD for s in statuses.values())
         print(f"{len(unfinished)} run(s) left to other workers ({held} held now); the worker that finishes "

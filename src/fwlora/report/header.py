@@ -93,6 +93,13 @@ def _is_lr(label: str, lr: float) -> bool:
         return False
 
 
+def _lr_value(label: str) -> float:
+    try:
+        return float(label)
+    except ValueError:
+        return math.inf
+
+
 def learning_rate_lines(choice: LrChoice | None, cols: Columns) -> list[str]:
     """Each column's chosen lr and what every lr scored on the design seed (the chosen one in bold), with
     each lr's shortfall from its task's best summed over tasks: the numbers the choice was made from."""
@@ -100,7 +107,7 @@ def learning_rate_lines(choice: LrChoice | None, cols: Columns) -> list[str]:
         return []
     grids = [*(by_lr for tasks in choice.scores.values() for by_lr in tasks.values()),
              *choice.shortfall.values()]
-    lr_labels = list(dict.fromkeys(label for grid in grids for label in grid))  # the search's: ascending
+    lr_labels = sorted({label for grid in grids for label in grid}, key=_lr_value)  # ascending, extensions included
     rows = []
     for column, chosen in choice.chosen.items():
         chosen_label = next((label for label in lr_labels if _is_lr(label, chosen)), f"{chosen:g}")
