@@ -3,6 +3,7 @@ and the bench's loop that runs the owed lrs, against scores chosen by hand (runs
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_the_bench_runs_the_owed_lrs_and_freezes_from_all_of_them(tmp_path, monk
     monkeypatch.setattr("fwlora.cli.bench.run_bench", resume_only)
     assert main(["bench", "--preset", str(preset), "--lr-search", "--output-dir", str(out_dir), "--no-report"]) == 0
     assert [(c, round(lr, 10)) for c, lr in ran] == [("high", 1.6e-2)]
+    planned = json.loads((out_dir / "bench.json").read_text())["runs"]  # the extensions are in the plan it wrote
+    assert {"cola/r2/low_lr2.5e-4/seed100", "cola/r2/high_lr1.6e-2/seed100"} <= set(planned)
+    assert len(planned) == 3 * len(GRID) + 3
     assert yaml.safe_load((out_dir / lr_search.FROZEN_FILE).read_text())["lr_choice"]["chosen"] == choice["chosen"]
 
 

@@ -219,6 +219,9 @@ def test_sigterm_at_step_then_resume_equals_the_uninterrupted_run(tmp_path, tmp_
         assert (out / "checkpoint" / "adalora_allocator.safetensors").is_file()
     assert main(args_for(cola, out, method, 8, 10, "--resume")) == 0
     assert_same_run(reference(tmp_path_factory, cola, method), out)
+    resumes = [json.loads((run / "result.json").read_text())["timing"]["resumes"]
+               for run in (out, reference(tmp_path_factory, cola, method))]
+    assert resumes == [1, 0]  # the record says its time holds a restart
 
 
 # ---- non-finite loss or gradient ---------------------------------------------------------------------

@@ -6,7 +6,6 @@ leaves nothing behind (the run's numbers are those of a run without it)."""
 from __future__ import annotations
 
 import json
-import time
 
 from test_cli import tiny
 

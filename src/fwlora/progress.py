@@ -85,6 +85,7 @@ class TrainingProgress:
     # [first optimizer step, trainable parameters] per stretch of equal count: a resizing method changes it
     param_counts: list[list[int]] = field(default_factory=list)
     has_extra_loss: bool = False  # the method has added an extra loss term (the records then show "penalty")
+    resumes: int = 0  # times the run was stopped and resumed: its whole-run time is not one stretch's
 
     # progress.json keys a checkpoint must hold; param_counts and has_extra_loss came later and are optional
     REQUIRED_KEYS = ("epoch", "batches_done_in_epoch", "global_step", "history", "train_seconds",
@@ -124,7 +125,7 @@ class TrainingProgress:
                 "eval_seconds": self.eval_seconds, "step_seconds": self.step_seconds,
                 "loss_sum": float(self.epoch_losses.loss), "penalty_sum": float(self.epoch_losses.extra),
                 "has_extra_loss": self.has_extra_loss, "param_counts": self.param_counts,
-                "loss_count": self.epoch_losses.count}
+                "loss_count": self.epoch_losses.count, "resumes": self.resumes}
 
     def load_dict(self, values: dict[str, Any]) -> None:
         """Take the saved progress (its REQUIRED_KEYS checked first); the loss sums are refilled in place, on
@@ -135,6 +136,7 @@ class TrainingProgress:
         self.train_seconds, self.eval_seconds = values["train_seconds"], values["eval_seconds"]
         self.param_counts = values.get("param_counts", self.param_counts)
         self.has_extra_loss = values.get("has_extra_loss", False)
+        self.resumes = values.get("resumes", 0) + 1  # loading a checkpoint is resuming from it
         self.epoch_losses.loss.fill_(values["loss_sum"])
         self.epoch_losses.extra.fill_(values["penalty_sum"])
         self.epoch_losses.count = values["loss_count"]

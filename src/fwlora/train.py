@@ -220,6 +220,7 @@ def timing_summary(trainer: Trainer) -> dict[str, Any]:
                                 if train_seconds else None),
         "step_seconds_median": statistics.median(steps) if steps else None,
         "peak_memory": trainer.memory.read(),
+        "resumes": progress.resumes,  # a resumed run's times include a restart's costs: compare with care
     }
     if init_seconds is not None:  # the method's timed build: part of its training time
         out["init_seconds"] = init_seconds

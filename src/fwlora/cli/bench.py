@@ -114,6 +114,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_overrides["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     output_dir = Path(args.output_dir)
     cells = plan(preset, output_dir, overrides, train_overrides)
+    if args.lr_search and _grid_finished(cells):  # a search run before: the lrs it extended to are in its plan
+        extended, _ = lr_search.extensions(searched, output_dir)
+        if extended:
+            preset = lr_search.search_preset(searched, extended)
+            cells = plan(preset, output_dir, overrides, train_overrides)
     worker = Worker.parse(args.worker) if args.worker else Worker.from_environment()
     if args.claim_timeout <= 0:
         raise UserError(f"--claim-timeout {args.claim_timeout:g}: must be > 0 seconds")
