@@ -93,6 +93,23 @@ def test_yaml_and_json_files_with_dashes(tmp_path):
     assert load_config_file(empty) == {}
 
 
+
+def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
+    """YAML 1.1 reads `no` as False, which made `mixed_precision: no` (and `--set mixed_precision=no`) an error."""
+    from fwlora.bench import load_preset
+    from fwlora.cli.flags import parse_sets
+
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\ngradient_checkpointing: false\ntask: yes\nmethod: On\n", encoding="utf-8")
+    assert load_config_file(path) == {"mixed_precision": "no", "gradient_checkpointing": False, "task": "yes", "method": "On"}
+    assert TrainConfig.from_dict({"mixed_precision": "no"}).mixed_precision == "no"
+    assert parse_sets(["mixed_precision=no", "gradient_checkpointing=True", "lr=1e-3"]) == {
+        "mixed_precision": "no", "gradient_checkpointing": True, "lr": "1e-3"}
+    preset = tmp_path / "p.yaml"
+    preset.write_text("grid: {tasks: [cola]}\ntrain: {mixed_precision: no}\n", encoding="utf-8")
+    assert load_preset(str(preset))["train"]["mixed_precision"] == "no"
+    assert yaml.safe_load("a: no") == {"a": False}  # what plain PyYAML does, so the test can fail
+
 @pytest.mark.parametrize("name, content, pattern", [
     ("list.yaml", "- a\n- b\n", r"expected a mapping of settings, got list"),
     ("scalar.yaml", "3\n", r"expected a mapping of settings, got int"),

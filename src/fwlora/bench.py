@@ -38,7 +38,7 @@ import yaml
 from fwlora import methods, tasks
 from fwlora.budget import colliding_budgets
 from fwlora.claims import STALE_AFTER, Claims, Holder, Worker
-from fwlora.config import TrainConfig, data_name
+from fwlora.config import TrainConfig, data_name, read_yaml
 from fwlora.errors import TrainingInterrupted, UserError
 from fwlora.files import broadcast_from_main, is_main_process
 from fwlora.plan import backbone_facts
@@ -74,7 +74,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             raise UserError(f"preset file {path}: {e.strerror}") from None
         source = str(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

@@ -359,6 +359,22 @@ def _convert(name: str, value: Any, source: str, annotation: Any) -> Any:
     raise TypeError(f"setting {name}: no conversion for type {annotation!r}")
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true and false; yes, no, on and off stay strings (mixed_precision: no)."""
+
+
+_SettingsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """A settings file's or --set value's YAML: safe, with YAML 1.2's booleans."""
+    return yaml.load(text, Loader=_SettingsLoader)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON mapping of TrainConfig keys (dashes or underscores), with file-named errors."""
     path = Path(path)
@@ -369,7 +385,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"config file {path}: cannot read it ({e})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else read_yaml(text)
     except (ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: bad JSON, or a 4300+ digit int
         language = "JSON" if path.suffix == ".json" else "YAML"
         raise UserError(f"config file {path}: not valid {language} ({e})") from None

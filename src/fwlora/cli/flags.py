@@ -13,7 +13,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from fwlora import methods
-from fwlora.config import config_fields, load_config_file, setting_types, type_parts
+from fwlora.config import config_fields, load_config_file, read_yaml, setting_types, type_parts
 from fwlora.errors import UserError
 
 PROGRAM = __name__.split(".")[0]
@@ -111,7 +111,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            out[key.strip().replace("-", "_")] = read_yaml(value)
         except yaml.YAMLError:
             raise UserError(f"--set {item!r}: cannot read the value") from None
     return out
