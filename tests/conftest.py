@@ -15,6 +15,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait ~25 s on a hub that cannot be reached
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a test's subprocess (torchrun ranks, CLI runs) that aborts prints every thread's Python stack: where it was
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 # bitsandbytes (installed by the dev extra) warns at import that it cannot fetch a CPU kernel from the hub
 import logging  # noqa: E402
 

@@ -1,8 +1,11 @@
 """Run by test_workers.py under torchrun: `fwlora bench <args>` in this process, recording what this rank
-writes (run files, claims, cleared directories) and trains, into <writes>/rank<k>.json."""
+writes (run files, claims, cleared directories) and trains, and how many DDP wrappers are still in memory when the
+process group is destroyed (one would keep the group's threads alive to the interpreter's exit), into
+<writes>/rank<k>.json."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -29,6 +32,14 @@ def main() -> int:
     claims.Claims._create = staticmethod(spy("claims", claims.Claims._create, lambda path, holder: key(path.parent)))
     rundir._clear = spy("cleared", rundir._clear, key)
     bench.train = spy("trained", bench.train, lambda cfg, **kw: key(cfg.output_dir))
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    def ddp_in_memory(*args, **kwargs) -> int:  # garbage not yet collected counts: it still holds the group
+        return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+
+    seen["ddp_at_destroy"] = []
+    dist.destroy_process_group = spy("ddp_at_destroy", dist.destroy_process_group, ddp_in_memory)
     code = fwlora(argv)
     writes.mkdir(parents=True, exist_ok=True)
     (writes / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))

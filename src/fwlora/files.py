@@ -95,9 +95,14 @@ def end_process_group() -> None:
     """Under a launcher, take the process group down before the process exits, once every process is done with
     it: a gloo group left to the interpreter's exit, or torn down while another process still talks to it, can
     abort a process that finished its work ("terminate called without an active exception"), and the launcher
-    then reports the whole job failed. Nothing in a single process."""
+    then reports the whole job failed. Nothing in a single process.
+
+    A DDP wrapper waiting in a reference cycle would hold the group past destroy_process_group (its reducer
+    keeps the group and its last works' tensors), leaving the group's threads to the interpreter's exit, where
+    releasing tensors can abort the process: cycles are collected first."""
     if not _launched():
         return
+    import gc
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -111,6 +116,7 @@ def end_process_group() -> None:
             dist.barrier()
     except RuntimeError:
         pass
+    gc.collect()
     dist.destroy_process_group()
 
 
