@@ -47,4 +47,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fwlora.files import leave_process
+
+    leave_process(main())  # as the fwlora executable leaves

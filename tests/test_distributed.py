@@ -191,3 +191,26 @@ def test_a_killed_process_ends_the_torchrun_run_and_resume_finishes_it(setup_dir
         [{k: v for k, v in e.items() if "seconds" not in k} for e in ref["epochs"]]
     a, b = (load(str(d / "adapter" / "adapter_model.safetensors")) for d in (reference, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_leaving_under_a_launcher_skips_the_interpreter_teardown_and_keeps_output(tmp_path, launched):
+    """Under a launcher the command line exits without finalising the interpreter (where a gloo thread can abort
+    a rank that finished), after flushing what it printed and logged; alone, it exits as Python does."""
+    script = ("import atexit, logging, sys\n"
+              "from pathlib import Path\n"
+              "from fwlora.files import leave_process\n"
+              "atexit.register(lambda: Path(sys.argv[1]).write_text('teardown ran'))\n"
+              "logging.basicConfig(filename=sys.argv[2], level=logging.INFO)\n"
+              "logging.info('logged before leaving')\n"
+              "print('printed before leaving', end='')\n"  # a pipe: block-buffered until flushed
+              "leave_process(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if launched:
+        env["WORLD_SIZE"] = "2"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "teardown"), str(tmp_path / "log")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "printed before leaving"
+    assert "logged before leaving" in (tmp_path / "log").read_text()
+    assert (tmp_path / "teardown").exists() is not launched

@@ -1,7 +1,5 @@
 """`python -m fwlora ...` (also what torchrun and accelerate launch run with -m fwlora)."""
 
-import sys
+from fwlora.cli import entry
 
-from fwlora.cli import main
-
-sys.exit(main())
+entry()

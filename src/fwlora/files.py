@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import importlib.metadata
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, NoReturn
 
 
 _UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
@@ -118,6 +119,25 @@ def end_process_group() -> None:
         pass
     gc.collect()
     dist.destroy_process_group()
+
+
+def leave_process(code: int) -> NoReturn:
+    """The command line's exit. Under a launcher, without the interpreter's teardown: gloo's process group only
+    stops its threads when its last reference goes (its shutdown() is empty), and a thread that touches a
+    Python object while the interpreter finalizes is ended mid-C++, which aborts the process ("terminate called
+    without an active exception"): a rank that finished its work would fail the job. Logs and output are
+    flushed first; atexit hooks do not run there (trackers are closed at the end of each run)."""
+    if _launched():
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away, or a closed stream
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def is_main_process() -> bool:

@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv)
 
 
+def entry() -> None:
+    """The `fwlora` executable and `python -m fwlora` (what torchrun and accelerate launch run)."""
+    from fwlora.files import leave_process
+
+    leave_process(main())
+
+
 def __getattr__(name: str) -> Any:
     # build_parser, collect_train_settings, ...: the parser's names, imported when asked for
     if name in ("build_parser", "cmd_train"):
@@ -52,4 +59,4 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
