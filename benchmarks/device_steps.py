@@ -21,7 +21,7 @@ from torch import nn
 
 from fwlora import methods, models
 from fwlora.methods import base as method_base
-from fwlora.methods.base import RunInfo
+from fwlora.methods.base import RunInfo, short_name
 
 # the tiny random backbone of the correctness check (and of --device cpu's probes): 2 BERT layers, no dropout
 TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -216,11 +216,11 @@ def adapter_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     with torch.no_grad():
         for name, layer in models.adapted_layers(model).items():
             adapter = layer.active_adapters[0]
-            out[f"dW {models.short_name(name)}"] = layer.get_delta_weight(adapter).detach().double().cpu()
-            ranks[models.short_name(name)] = int(layer.r[adapter])
+            out[f"dW {short_name(name)}"] = layer.get_delta_weight(adapter).detach().double().cpu()
+            ranks[short_name(name)] = int(layer.r[adapter])
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_" not in name:
-                out[models.short_name(name)] = p.detach().double().cpu().clone()  # not an alias in float64
+                out[short_name(name)] = p.detach().double().cpu().clone()  # not an alias in float64
     return out, ranks
 
 

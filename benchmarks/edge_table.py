@@ -11,6 +11,12 @@ of sum_m ||dW_m||^2 on each matrix type, mean over seeds); then every difference
 them). Benches run apart are joined column by column, and only where every column they share has the same
 final metric on every seed (the same runs: training is deterministic for a seed and its settings).
 
+With --goal COLUMN, a last section judges that column against a goal: it must beat (paired 95 % interval
+above 0) the rival and the best column of a method PEFT ships (the highest mean over the pooled tasks; the
+registry says which methods PEFT ships) on at least --goal-tasks of the tasks and pooled, at no more than
+--time-limit times the reference's training time (the mean over tasks of each task's median ratio; default:
+the method's own claimed limit). Every column's pooled mean ± std and pooled time ratio are shown beside it.
+
 A committed report whose records are not in the repository gives columns from its summary.json (final metric
 per seed only): `--summary results/fwrank/summary.json:adalora=adalora_noorth,lora=lora`. A column that a
 bench also holds (here lora) must have the same final metric on every seed: a check that the bench
@@ -34,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from fwlora import analysis  # noqa: E402
+from fwlora import analysis, methods  # noqa: E402
 from fwlora.records import Status  # noqa: E402
 from fwlora.report.load import discover  # noqa: E402
 from fwlora.report.stats import mean_std, paired_ci  # noqa: E402
@@ -49,6 +55,7 @@ class SummaryRun:
 
     def __init__(self, metric: str, final: float) -> None:
         self.metric, self.final, self.timing, self.budget, self.matrices = metric, final, {}, {}, None
+        self.method = None
 
     def metric_value(self, which: str) -> float:
         return self.final
@@ -132,11 +139,85 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
     return rows, diffs
 
 
+def finals(runs: dict) -> dict[int, float]:
+    return {s: r.metric_value("final") for s, r in runs.items()}
+
+
+def beats(a: dict[int, float], b: dict[int, float]):
+    """The paired interval of a − b over their shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    return paired_ci([a[s] - b[s] for s in seeds], seeds)
+
+
+def pooled_finals(data: dict, label: str, tasks: list[str]) -> dict[int, float]:
+    """Per seed, the mean over the tasks of the column's final metric (seeds that ran every task)."""
+    per_task = [finals(data[t].get(label, {})) for t in tasks]
+    seeds = set.intersection(*(set(f) for f in per_task)) if per_task else set()
+    return {s: statistics.fmean(f[s] for f in per_task) for s in sorted(seeds)}
+
+
+def pooled_time(data: dict, label: str, tasks: list[str], reference: str, timings: dict, sessions) -> float | None:
+    """The mean over tasks of each task's median per-seed time ratio to the reference (None: a task untimed)."""
+    medians = []
+    for t in tasks:
+        ratios = time_ratios(t, label, reference, timings, sessions)
+        if not ratios:
+            return None
+        medians.append(statistics.median(ratios))
+    return statistics.fmean(medians)
+
+
+def method_of(data: dict, label: str) -> str | None:
+    return next((r.method for cols in data.values() for r in cols.get(label, {}).values() if r.method), None)
+
+
+def goal_section(data: dict, goal: str, tasks: list[str], reference: str, rival: str, need: int,
+                 limit: float | None, timings: dict, sessions) -> list[str]:
+    """Every column pooled (mean ± std, time / reference), then the goal column against the rival and the best
+    column of a PEFT-shipped method: wins per task and pooled, the time, and the verdict."""
+    labels = list(dict.fromkeys(label for t in tasks for label in data[t]))
+    pooled = {label: pooled_finals(data, label, tasks) for label in labels}
+    times = {label: pooled_time(data, label, tasks, reference, timings, sessions) for label in labels}
+    rows = [[label, f"{fmt_mean_std(mean_std(list(pooled[label].values())))} ({len(pooled[label])})",
+             fmt_ratio(times[label], 2) if times[label] is not None else "—"] for label in labels]
+    lines = [f"### pooled over {', '.join(tasks)}: every column, and the goal of {goal}", "",
+             markdown_table(["column", "mean over tasks (seeds)", f"time / {reference}"], rows), ""]
+    shipped = [label for label in labels if label != goal and methods.ships_with(method_of(data, label)) == "peft"]
+    best = max(shipped, key=lambda label: statistics.fmean(pooled[label].values()) if pooled[label] else float("-inf"),
+               default=None)
+    if goal not in labels:
+        return lines + [f"{goal}: no runs on these tasks; no verdict", ""]
+    if limit is None:
+        claim = methods.time_hypothesis(method_of(data, goal) or goal)
+        limit = claim.limit if claim is not None else None
+    opponents = list(dict.fromkeys(x for x in (rival, best) if x is not None and x in labels and x != goal))
+    met = bool(opponents)
+    rows = []
+    for other in opponents:
+        per_task = {t: beats(finals(data[t].get(goal, {})), finals(data[t].get(other, {}))) for t in tasks}
+        won = [t for t, ci in per_task.items() if ci.low is not None and ci.low > 0]
+        whole = beats(pooled[goal], pooled[other])
+        pooled_won = whole.low is not None and whole.low > 0
+        met &= len(won) >= need and pooled_won
+        rows.append([other + (" (best PEFT column)" if other == best else ""),
+                     *[fmt_ci(per_task[t]) for t in tasks], fmt_ci(whole), f"{len(won)} of {len(tasks)}",
+                     "yes" if pooled_won else "no"])
+    time_ok = limit is not None and times[goal] is not None and times[goal] <= limit
+    met &= time_ok
+    lines += [markdown_table(["against", *[f"{goal} − it, {t}" for t in tasks], "pooled", "tasks won", "pooled won"],
+                             rows), "",
+              f"Time: {fmt_ratio(times[goal], 2) if times[goal] is not None else 'not measured'} {reference}'s "
+              f"(limit {f'{limit:g}x' if limit is not None else 'none'}). "
+              f"**Goal {'met' if met else 'not met'}**: {goal} must beat each of {', '.join(opponents) or 'no one'} "
+              f"on at least {need} of {len(tasks)} tasks and pooled (95 % interval above 0), within the time limit.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path)
-    p.add_argument("--reference", default="lora")
-    p.add_argument("--rival", default="adalora")
+    p.add_argument("--reference", default=methods.reference_name(), help="the column timed against (default: %(default)s)")
+    p.add_argument("--rival", default=methods.rival_name(), help="the column every one is also compared with (default: %(default)s)")
     p.add_argument("--columns", help="the columns, in order (default: as found)")
     p.add_argument("--summary", action="append", default=[], metavar="SUMMARY.json:LABEL=COLUMN,...",
                    help="columns from a committed report's summary.json (final metric per seed only)")
@@ -144,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bench directories run in one session on one machine (time ratios only within one)")
     p.add_argument("--pool", action="append", default=[], metavar="TASK,TASK,...",
                    help="a pooled table over these tasks (repeatable; default: one over every task found)")
+    p.add_argument("--goal", metavar="COLUMN", help="judge this column against the goal (see above)")
+    p.add_argument("--goal-tasks", type=int, default=2, help="tasks it must win of the pooled ones (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, help="its time over the reference's at most this (default: its claim)")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     timings: dict = {}
@@ -175,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([label, *cells])
         lines += [f"### pooled over {', '.join(tasks)} (per seed the mean over tasks of each paired difference)", "",
                   markdown_table(["column", f"− {args.reference} [95 % CI]", f"− {args.rival} [95 % CI]"], rows), ""]
+    if args.goal:
+        lines += goal_section(data, args.goal, pools[0] if pools else list(data), args.reference, args.rival,
+                              args.goal_tasks, args.time_limit, timings, sessions)
     text = "\n".join(lines)
     print(text)
     if args.output:

@@ -211,6 +211,39 @@ def test_edge_table_times_only_within_one_session(tmp_path):
     assert edge.time_ratios("cola", "lora", "lora", timings, [{a}, {b}, {c}]) == [1.0, 1.0]
 
 
+def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_best_peft_column(tmp_path):
+    """Hand-made finals: specwide is lora + 0.03 on CoLA and SST-2 and lora − 0.01 on MRPC (5 seeds); adalora
+    sits at lora + 0.01, dora (the PEFT column with the highest pooled mean; rslora's is lower, widecut's higher
+    but widecut is not PEFT's) at lora + 0.012. specwide beats both on 2 of 3 tasks and pooled (against dora
+    +0.018, +0.018, −0.022: +0.0047 a seed, every seed the same, a zero-width interval above 0); its time is
+    100.4 / 100 = 1.004x."""
+    from types import SimpleNamespace
+
+    edge = load_script("edge_table")
+
+    def run(method, v):
+        return SimpleNamespace(method=method, metric_value=lambda which: v)
+
+    offsets = {"lora": (0, 0, 0), "adalora": (0.01, 0.01, 0.01), "dora": (0.012, 0.012, 0.012),
+               "rslora": (0.005, 0.005, 0.005), "widecut": (0.05, 0.05, 0.05), "specwide": (0.03, 0.03, -0.01)}
+    tasks = ["cola", "sst2", "mrpc"]
+    data = {t: {label: {s: run(label, 0.5 + 0.01 * s + off[i]) for s in range(5)} for label, off in offsets.items()}
+            for i, t in enumerate(tasks)}
+    session = tmp_path / "bench"
+    timings = {(t, label, s): {session: 100.0 + (0.4 if label == "specwide" else 0.0)}
+               for t in tasks for label in offsets for s in range(5)}
+    text = "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None, timings, [{session}]))
+    assert "| dora (best PEFT column) | +0.018 [+0.018, +0.018] | +0.018 [+0.018, +0.018] | -0.022 [" in text
+    assert "| adalora | +0.020 [" in text and text.count("| 2 of 3 | yes |") == 2
+    assert "| specwide | 0.537 ± 0.016 (5) | 1.00x |" in text  # 0.5 + mean(0.01 s) 0.02 + 0.05 / 3
+    assert "Time: 1.00x lora's (limit 1.01x)" in text and "**Goal met**" in text  # specwide's own claim: 1.01x
+    slow = {k: {session: v[session] * (1.02 if k[1] == "specwide" else 1.0)} for k, v in timings.items()}
+    assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None,
+                                                             slow, [{session}]))
+    assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 3, None,
+                                                             timings, [{session}]))  # it loses MRPC
+
+
 def test_run_times_rotates_the_order_and_pairs_each_round_with_its_own_reference():
     rt = load_script("run_times")
     columns = ["lora", "a", "b"]

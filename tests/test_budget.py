@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fwlora import models
-from fwlora.budget import adalora_ranks, colliding_budgets, make_budget, rank_for_budget, smallest_budget_percent
+from fwlora.budget import colliding_budgets, make_budget, rank_for_budget, smallest_budget_percent
 from fwlora.errors import UserError
 
 # roberta-base (RobertaForSequenceClassification, which builds no pooler):
@@ -80,4 +80,6 @@ def test_make_budget_records_actual_percent():
 
 @pytest.mark.parametrize("rank,expected", [(1, (2, 1)), (2, (3, 2)), (4, (6, 4)), (8, (12, 8))])
 def test_adalora_ranks_for_parity(rank, expected):
+    from fwlora.methods.adalora.plugin import adalora_ranks
+
     assert adalora_ranks(rank) == expected

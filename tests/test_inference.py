@@ -63,6 +63,17 @@ def test_fwrank_non_uniform_ranks_survive_the_round_trip(fwrank_run):
     assert loaded == {n: r for n, r in ranks.items() if r > 0}
 
 
+def test_loading_for_training_restores_the_method_s_own_state(lora_run, fwrank_run):
+    """fwrank's allocation comes back from its state file (through the registry's hook) with the ranks the run
+    recorded; plain LoRA has no state beyond the adapter."""
+    from fwlora.methods.fwrank import FisherRankAllocation
+
+    state = load_run(fwrank_run, for_training=True).method_state
+    assert isinstance(state, FisherRankAllocation)
+    assert {n.removeprefix("base_model.model."): r for n, r in state.ranks.items()} == recorded(fwrank_run)["method_info"]["ranks"]
+    assert load_run(lora_run, for_training=True).method_state is None
+
+
 def test_the_cli_writes_a_csv_and_prints_the_recorded_metrics(lora_run, tmp_path, capsys):
     out = tmp_path / "preds.csv"
     assert main(["predict", str(lora_run), "--output", str(out)]) == 0

@@ -177,7 +177,7 @@ def record(root: Path, method: str) -> dict:
 
 
 @pytest.mark.parametrize("method", FAMILY)
-def test_a_saved_run_loads_and_merges_with_the_logits_it_trained_to(method, cli_runs, tmp_path):
+def test_a_saved_run_loads_and_merges_with_the_logits_it_trained_to(method, cli_runs, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from fwlora import load_run
@@ -192,6 +192,9 @@ def test_a_saved_run_loads_and_merges_with_the_logits_it_trained_to(method, cli_
     merged = AutoModelForSequenceClassification.from_pretrained(export_run(root / method, tmp_path / "m", merged=True))
     with torch.no_grad():
         assert torch.allclose(merged.eval()(**batch).logits, seen[method], atol=1e-5)
+    capsys.readouterr()
+    assert main(["predict", str(root / method), "--output", str(tmp_path / "p.csv")]) == 0  # the CLI: its metric
+    assert f"mcc {record(root, method)['final']['mcc']:.4f}" in capsys.readouterr().err
     adapter = json.loads((root / method / "adapter" / "adapter_config.json").read_text())
     if methods.get(method).timed_init and method != "eva":  # W - s B0 A0: saved as a plain LoRA of rank 2r on W
         assert adapter["r"] == 2 * RANK and adapter["init_lora_weights"] is True

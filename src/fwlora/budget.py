@@ -45,12 +45,6 @@ def rank_for_budget(percent: float, per_rank: int, backbone_params: int) -> int:
     return low + 1 if exact >= math.sqrt(low * (low + 1)) else low
 
 
-def adalora_ranks(rank: int) -> tuple[int, int]:
-    """(init_r, target_r) for budget parity with LoRA rank r: AdaLoRA ends at an average rank r and
-    starts at ceil(1.5 r), as in the AdaLoRA paper."""
-    return math.ceil(1.5 * rank), rank
-
-
 @dataclass(frozen=True)
 class Budget:
     """What a run spends: the adapter against the backbone, the head apart."""

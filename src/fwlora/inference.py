@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fwlora import models
+from fwlora import methods, models
 from fwlora.config import TrainConfig
 from fwlora.errors import UserError
 from fwlora.plan import resolve_head
@@ -44,7 +44,7 @@ class LoadedRun:
     label_names: list[str] | None  # class names in label order (None: the labels are 0..n-1, or no classes)
     head: str  # "mean" or "model"
     record: Any  # its RunRecord
-    method_state: Any = None  # FisherWeightedLoRA / FisherRankAllocation, when loaded for training
+    method_state: Any = None  # the method's Method.continued_state, when loaded for training
 
     def label_of(self, index: int) -> str | int:
         return self.label_names[index] if self.label_names else index
@@ -124,19 +124,8 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, for_
     model.train(for_training)
     run = LoadedRun(run_dir, cfg, model, tokenizer, kind, names, head, record)
     if for_training:
-        run.method_state = _method_state(model, adapter)
+        run.method_state = methods.get(cfg.method).continued_state(model, adapter)
     return run
-
-
-def _method_state(model: Any, adapter: Path) -> Any:
-    from fwlora.methods.fwlora import STATE_FILE, FisherWeightedLoRA
-    from fwlora.methods.fwrank import RANK_STATE_FILE, FisherRankAllocation
-
-    if (adapter / STATE_FILE).is_file():
-        return FisherWeightedLoRA.from_pretrained(model, adapter)
-    if (adapter / RANK_STATE_FILE).is_file():
-        return FisherRankAllocation.from_pretrained(model, adapter)
-    return None
 
 
 # ---- predictions -------------------------------------------------------------------------------------------

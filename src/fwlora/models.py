@@ -382,6 +382,7 @@ def adapted_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 def delta_weights(peft_model: nn.Module) -> dict[str, Any]:
     """dW_m of every adapted matrix on the CPU: its two factors (a fwlora.lowrank.LowRank: LoRA's s B A,
     AdaLoRA's B (A * E) alpha / r), or PEFT's dense get_delta_weight (float32) where it is no such product."""
+    from fwlora.methods.base import short_name
     from fwlora.methods.deltas import peft_delta
 
     out = {}
@@ -393,7 +394,3 @@ def delta_weights(peft_model: nn.Module) -> dict[str, Any]:
                                      else layer.get_delta_weight(adapter).detach().float().cpu())
     return out
 
-
-def short_name(name: str) -> str:
-    """Module name without PEFT's wrapper prefix: base_model.model.bert.encoder.layer.0... -> bert.encoder.layer.0..."""
-    return name.removeprefix("base_model.model.")

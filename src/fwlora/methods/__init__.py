@@ -19,8 +19,8 @@ and `FWLORA_METHODS=my_module` (module names or .py paths, comma-separated) make
 
 from fwlora.methods.base import Method, NoSettings, RunInfo, TimeHypothesis, lora_config, with_help
 from fwlora.methods.registry import (PLUGINS_ENV, REGISTRY, all_settings, get, label, load_plugins, method_class,
-                                     names, owner_of, reference_name, register, rival_name, time_hypothesis,
-                                     with_figure)
+                                     names, owner_of, reference_name, register, rival_name, ships_with,
+                                     time_hypothesis, with_figure)
 
 # the built-in methods register themselves on import, in this order (the report's column order)
 from fwlora.methods.lora import plugin as _lora  # noqa: E402,F401
@@ -41,4 +41,4 @@ from fwlora.methods.loraplus import plugin as _loraplus  # noqa: E402,F401
 
 __all__ = ["Method", "NoSettings", "RunInfo", "TimeHypothesis", "PLUGINS_ENV", "REGISTRY", "register", "get", "names",
            "label", "all_settings", "owner_of", "load_plugins", "lora_config", "with_help", "method_class",
-           "reference_name", "rival_name", "time_hypothesis", "with_figure"]
+           "reference_name", "rival_name", "ships_with", "time_hypothesis", "with_figure"]

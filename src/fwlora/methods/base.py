@@ -46,6 +46,12 @@ from fwlora.errors import UserError
 from fwlora.records import RunRecord
 
 
+def short_name(name: str) -> str:
+    """A module's name without PEFT's wrapper prefix (base_model.model.bert.encoder... -> bert.encoder...): how
+    result.json's matrix table and the trackers name a matrix."""
+    return name.removeprefix("base_model.model.")
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What a method may know of the run it is part of."""
@@ -158,6 +164,8 @@ class Method:
     role: ClassVar[str | None] = None
     # its claim on time; by default docs/method.md's for any method: within ~1 % of LoRA's (None: ratios, no verdict)
     time_hypothesis: ClassVar[TimeHypothesis | None] = WITHIN_LORA_TIME
+    # the library a user would take it from instead of this one ("peft"): the report's "best shipped method"
+    ships_with: ClassVar[str | None] = None
     rank_column: ClassVar[str | None] = None  # the per-matrix column (matrix_columns) holding its final ranks
     rank_unit: ClassVar[str] = "rank"  # what one unit of that rank is ("kept singular values")
     importance_column: ClassVar[str | None] = None  # a per-matrix column of importance scores that sum to 1
@@ -281,6 +289,12 @@ class Method:
 
     def save_adapter_extras(self, directory: Path) -> None:
         """Anything to keep next to the saved PEFT adapter."""
+
+    @classmethod
+    def continued_state(cls, model: nn.Module, adapter_dir: Path) -> Any:
+        """What training this saved adapter further needs of the method, rebuilt on the loaded PEFT model from
+        what save_adapter_extras kept (FW-LoRA's importances and penalty); None where the adapter alone is it."""
+        return None
 
     def summary(self) -> dict[str, Any]:
         """What the method adds to result.json under method_info (resolved settings, final ranks, ...)."""

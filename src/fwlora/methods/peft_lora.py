@@ -21,16 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from fwlora.methods.base import Method, lora_config
+from fwlora.methods.base import Method, lora_config, short_name
 from fwlora.methods.lora import default_alpha
 from fwlora.lowrank import LowRank
 from fwlora.methods.deltas import peft_delta
 
 WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
-
-
-def short_name(name: str) -> str:
-    return name.removeprefix("base_model.model.")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -46,6 +42,8 @@ class PeftLoRA(Method):
     it: EVA's SVD pass)."""
 
     time_hypothesis = None  # no claim on time: the report shows the ratios
+    ships_with = "peft"
+
     def config_fields(self) -> dict[str, Any]:
         return {}
 

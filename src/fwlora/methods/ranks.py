@@ -95,6 +95,49 @@ def round_ranks(ideal: Mapping[str, float], cap: Mapping[str, int], cost: Mappin
     return ranks
 
 
+def spend_exactly(ranks: Mapping[str, int], ideal: Mapping[str, float], low: Mapping[str, int],
+                  cap: Mapping[str, int], cost: Mapping[str, int], budget: int, max_states: int = 100_000) -> dict[str, int]:
+    """Whole ranks that spend the budget exactly, from ranks that spend at most it: each matrix moves by at most
+    one rank (within [low, cap]), choosing the moves that add the least to sum_m |r_m - ideal_m| (ties: fewer
+    moves, then by name). Matrices of different sizes can make the leftover of largest-remainder rounding
+    unspendable one rank at a time (MiniLM: 768 and 1,920 parameters a rank, 384 left); a swap spends it.
+    Returns the ranks unchanged where no such moves reach the budget (or the search passes max_states).
+
+    An exact subset-sum over the spend: the states are the spend moved so far, kept within a few of the largest
+    matrix's cost of the target, so their number is small where matrix sizes share a large common factor."""
+    names = sorted(ranks)
+    left = budget - sum(ranks[n] * cost[n] for n in names)
+    if left < 0:
+        raise MethodError(f"ranks spend {budget - left} parameters, over the budget {budget}")
+    if left == 0 or not names:
+        return dict(ranks)
+    reach = 4 * max(cost[n] for n in names) + left
+    best: dict[int, tuple[float, int, tuple[tuple[str, int], ...]]] = {0: (0.0, 0, ())}
+    for n in names:
+        grown = dict(best)
+        for step in (1, -1):
+            r = ranks[n] + step
+            if not low[n] <= r <= cap[n]:
+                continue
+            penalty = abs(r - ideal[n]) - abs(ranks[n] - ideal[n])
+            for moved, (pen, count, moves) in best.items():
+                total = moved + step * cost[n]
+                if abs(total) > reach:
+                    continue
+                candidate = (round(pen + penalty, 12), count + 1, moves + ((n, step),))
+                if total not in grown or candidate < grown[total]:
+                    grown[total] = candidate
+        best = grown
+        if len(best) > max_states:
+            return dict(ranks)
+    if left not in best:
+        return dict(ranks)
+    out = dict(ranks)
+    for n, step in best[left][2]:
+        out[n] += step
+    return out
+
+
 def allocate_spectrum(gains: Mapping[str, Sequence[float]], cost: Mapping[str, int], budget: int,
                       r_max: int | Mapping[str, int], r_min: int = 0) -> dict[str, int]:
     """Grant ranks one at a time in order of lambda_{m,k} / cost_m (ties: name, then k), skipping a grant that

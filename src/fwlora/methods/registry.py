@@ -112,6 +112,12 @@ def time_hypothesis(name: str) -> TimeHypothesis | None:
     return cls.time_hypothesis if cls else Method.time_hypothesis
 
 
+def ships_with(name: str | None) -> str | None:
+    """The library that ships the method ("peft"), or None (ours, or a name not registered here)."""
+    cls = REGISTRY.get(name) if name else None
+    return cls.ships_with if cls else None
+
+
 def with_figure(figure: str) -> list[str]:
     """Registered methods that draw this figure ("importance", "ranks", "penalty_question"), in registry order."""
     return [name for name, cls in REGISTRY.items() if figure in cls.figures]

@@ -7,10 +7,9 @@ step, after optimizer.step() and before zero_grad; `total_step` counts optimizer
 The orthogonal regulariser: PEFT adds it in AdaLoraModel.forward when the model computes a loss. The task
 wrappers (PeftModelForSequenceClassification, ...ForCausalLM) call that forward; the generic PeftModel, which
 a model with its own head and no PEFT task type gets (every classifier here), calls the base model directly
-and skips it. Releases 1 and 2 trained AdaLoRA that way, so their AdaLoRA had no regulariser although its
-weight (0.1) was recorded (the release-3 decomposition shows it: that AdaLoRA and AdaLoRA with the weight
-set to 0 give the same result on every seed). From release 3 on, `extra_loss` adds it wherever the wrapper
-skips it, with PEFT's formula: weight x mean over A and B matrices of ||P P^T - I||_F (A) / ||P^T P - I||_F (B).
+and skips it, which silently trains AdaLoRA without its regulariser while its weight (0.1) is recorded
+(CHANGELOG: such runs equal AdaLoRA with the weight set to 0 on every seed). So `extra_loss` adds it wherever
+the wrapper skips it, with PEFT's formula: weight x mean over A and B matrices of ||P P^T - I||_F (A) / ||P^T P - I||_F (B).
 
 Checkpoints: PEFT has no public API for the rank allocator's state (the sensitivity EMAs `ipt`,
 `exp_avg_ipt`, `exp_avg_unc` of `model.base_model.rankallocator`) nor for restoring the masks it wrote
@@ -28,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwlora.budget import adalora_ranks
 from fwlora.errors import UserError
 from fwlora.files import read_json, write_json
-from fwlora.methods.base import RIVAL, Method, TimeHypothesis, with_help
+from fwlora.methods.base import RIVAL, Method, TimeHypothesis, short_name, with_help
 from fwlora.methods.registry import register
 
 
@@ -39,6 +37,12 @@ def default_alpha(init_r: int) -> float:
     """AdaLoRA scales its update by alpha / init_r; its authors' GLUE scripts use alpha 32 with init_r 8 on
     CoLA (a scaling of 4). We keep that scaling: alpha = 4 init_r."""
     return 4.0 * init_r
+
+
+def adalora_ranks(rank: int) -> tuple[int, int]:
+    """(init_r, target_r) for budget parity with LoRA rank r: AdaLoRA ends at an average rank r and
+    starts at ceil(1.5 r), as in the AdaLoRA paper."""
+    return math.ceil(1.5 * rank), rank
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ SCHEDULE_INFO = ("init_r", "target_r", "lora_alpha", "total_step", "tinit", "tfi
 @register
 class AdaLoRA(Method):
     name, label = "adalora", "AdaLoRA"
+    ships_with = "peft"
     Settings = AdaLoRASettings
     prefix = "adalora_"
     colour, line_style, role = "tab:orange", ("--", "s"), RIVAL
@@ -204,7 +209,7 @@ class AdaLoRA(Method):
     def final_ranks(self) -> dict[str, int]:
         """AdaLoRA's final rank per matrix (count of kept singular values), by module name."""
         pattern = getattr(self._config(), "rank_pattern", None) or {}
-        return {_short(k.split(".lora_E")[0]): int(sum(bool(v) for v in mask)) for k, mask in pattern.items()}
+        return {short_name(k.split(".lora_E")[0]): int(sum(bool(v) for v in mask)) for k, mask in pattern.items()}
 
     def summary(self) -> dict[str, Any]:
         ranks = self.final_ranks()
@@ -242,7 +247,3 @@ def _finite_gradients(model: nn.Module) -> bool:
     """Whether every adapter gradient (what PEFT's importance reads) is finite (one host sync)."""
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
     return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fwlora.errors import UserError
-from fwlora.methods.base import WITHIN_LORA_TIME, Method, ReportView, lora_config
+from fwlora.methods.base import WITHIN_LORA_TIME, Method, ReportView, lora_config, short_name
 from fwlora.methods.fwlora.config import FWLoRAConfig
 from fwlora.methods.fwlora.fisher_weighted import FisherWeightedLoRA
 from fwlora.methods.fwlora.report_section import section
@@ -97,11 +97,15 @@ class FWLoRA(Method):
 
     save_adapter_extras = save_state
 
+    @classmethod
+    def continued_state(cls, model: nn.Module, adapter_dir: Path) -> FisherWeightedLoRA:
+        return FisherWeightedLoRA.from_pretrained(model, adapter_dir)
+
     def log_values(self, step: int) -> dict[str, float]:
         """At the warm-up's end: the importance of each matrix (for the trackers)."""
         if step + 1 != self.fw.config.warmup_steps or not self.fw.importance:
             return {}
-        return {f"importance/{_short(n)}": v for n, v in self.fw.importance.items()}
+        return {f"importance/{short_name(n)}": v for n, v in self.fw.importance.items()}
 
     def summary(self) -> dict[str, Any]:
         importance = list(self.fw.importance.values())
@@ -110,12 +114,8 @@ class FWLoRA(Method):
                 "importance_median": statistics.median(importance) if importance else None}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
-        return {"fisher": {_short(n): v for n, v in self.fw.fisher.items()},
-                "importance": {_short(n): v for n, v in self.fw.importance.items()}}
+        return {"fisher": {short_name(n): v for n, v in self.fw.fisher.items()},
+                "importance": {short_name(n): v for n, v in self.fw.importance.items()}}
 
     def close(self) -> None:
         self.fw.remove()
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")

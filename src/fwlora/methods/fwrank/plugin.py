@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fwlora.errors import UserError
-from fwlora.methods.base import WITHIN_LORA_TIME, Method, RunInfo, lora_config
+from fwlora.methods.base import WITHIN_LORA_TIME, Method, RunInfo, lora_config, short_name
 from fwlora.methods.fwrank.allocation import FisherRankAllocation
 from fwlora.methods.fwrank.config import FWRankConfig
 from fwlora.methods.ranks import refresh_optimizer
@@ -109,6 +109,10 @@ class FWRank(Method):
 
     save_adapter_extras = save_state
 
+    @classmethod
+    def continued_state(cls, model: nn.Module, adapter_dir: Path) -> FisherRankAllocation:
+        return FisherRankAllocation.from_pretrained(model, adapter_dir)
+
     def summary(self) -> dict[str, Any]:
         a = self.allocation
         ranks = a.ranks
@@ -118,28 +122,24 @@ class FWRank(Method):
                 "budget_params": a.budget, "params": a.trained_params_over_run(self.run.total_steps),
                 "final_total_rank": sum(ranks.values()) if ranks else None,
                 "dropped_matrices": sum(r == 0 for r in ranks.values()) if ranks else None,
-                "ranks": {_short(n): r for n, r in ranks.items()}}
+                "ranks": {short_name(n): r for n, r in ranks.items()}}
 
     def log_values(self, step: int) -> dict[str, float]:
         """At the resize: each matrix's new rank (for the trackers)."""
         if step + 1 != self.allocation.config.warmup_steps or not self.allocation.ranks:
             return {}
-        return {f"rank/{_short(n)}": float(r) for n, r in self.allocation.ranks.items()}
+        return {f"rank/{short_name(n)}": float(r) for n, r in self.allocation.ranks.items()}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         fisher = self.allocation.fisher
         total = sum(fisher.values()) or 1.0
-        columns = {"fwrank_rank": {_short(n): r for n, r in self.allocation.ranks.items()},
-                   "fisher": {_short(n): v for n, v in fisher.items()},
-                   "importance": {_short(n): v / total for n, v in fisher.items()}}
+        columns = {"fwrank_rank": {short_name(n): r for n, r in self.allocation.ranks.items()},
+                   "fisher": {short_name(n): v for n, v in fisher.items()},
+                   "importance": {short_name(n): v / total for n, v in fisher.items()}}
         for signal, values in self.allocation.signals.items():  # record_signals: every rule's signal at step K
             if signal != "fisher":
-                columns[f"signal_{signal}"] = {_short(n): v for n, v in values.items()}
+                columns[f"signal_{signal}"] = {short_name(n): v for n, v in values.items()}
         return columns
 
     def close(self) -> None:
         self.allocation.remove()
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")

@@ -12,12 +12,13 @@ r * sum_m d_m in parameters exactly:
     x_m(t) = clip(t a_m / sqrt(d_m), r_min, cap_m),        sum_m x_m(t) d_m = r sum_m d_m
 
 (piecewise linear and nondecreasing in t: solved exactly between its breakpoints). Integer ranks are the
-floors of x_m plus one rank each, largest remainder first (ties by name), while it still fits: the total is at
-most the budget and short of it by less than one rank of the cheapest matrix that could still grow (exact
-where every matrix has the same d_m, e.g. a square-only target list). Where even every matrix at its cap
+floors of x_m plus one rank each, largest remainder first (ties by name), while it still fits; where matrices
+of different sizes leave part of the budget unspendable one rank at a time, each matrix may then move by one
+rank (a swap) so that the total is the budget exactly, at the least added sum_m |r_m - x_m| (ranks.spend_exactly;
+where no such moves exist, the total stays short by less than one rank). Where even every matrix at its cap
 spends less than the budget, every matrix gets its cap.
 
-Depends on torch, math and fwlora.errors only.
+Depends on torch, math, fwlora.errors and methods/ranks.py only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Mapping
 import torch
 
 from fwlora.errors import MethodError
-from fwlora.methods.ranks import round_ranks
+from fwlora.methods.ranks import round_ranks, spend_exactly
 
 REDUCTIONS = ("mean", "sum")
 
@@ -75,5 +76,6 @@ def gora_ranks(importances: Mapping[str, float], dims: Mapping[str, tuple[int, i
         lo_t = hi_t
     s_lo, s_hi = spend(lo_t), spend(hi_t)
     t = hi_t if s_hi == s_lo else lo_t + (budget - s_lo) * (hi_t - lo_t) / (s_hi - s_lo)
-    return round_ranks(level(t), cap, cost, budget, names)
+    ideal = level(t)
+    return spend_exactly(round_ranks(ideal, cap, cost, budget, names), ideal, low, cap, cost, budget)
 

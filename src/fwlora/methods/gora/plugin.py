@@ -22,7 +22,7 @@ from torch import nn
 from fwlora.checks import is_int, is_real
 from fwlora.errors import MethodError, UserError, bad_setting
 from fwlora.files import write_text_atomic
-from fwlora.methods.base import Method, lora_config
+from fwlora.methods.base import Method, lora_config, short_name
 from fwlora.methods.gora.allocation import REDUCTIONS, gora_ranks, importance
 from fwlora.methods.gora.init import fit_b
 from fwlora.methods.gradients import find_lora_layers, same_on_every_process
@@ -138,7 +138,7 @@ class GoRA(Method):
     save_adapter_extras = save_state
 
     def log_values(self, step: int) -> dict[str, float]:
-        return {f"rank/{_short(n)}": float(r) for n, r in self.ranks.items()} if step == 0 else {}
+        return {f"rank/{short_name(n)}": float(r) for n, r in self.ranks.items()} if step == 0 else {}
 
     def params(self) -> int:
         return sum(self.ranks[n] * (d_in + d_out) for n, (d_in, d_out) in self.dims.items())
@@ -149,13 +149,9 @@ class GoRA(Method):
         return {"lora_alpha": self.lora_alpha, "scaling": self.scaling, "batches": s.batches, "gamma": s.gamma,
                 "min_rank": r_min, "max_rank": r_max, "importance_reduce": s.importance_reduce,
                 "budget_params": self.budget, "params": self.params(), "final_total_rank": sum(self.ranks.values()),
-                "ranks": {_short(n): r for n, r in self.ranks.items()}}
+                "ranks": {short_name(n): r for n, r in self.ranks.items()}}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
         total = sum(self.importances.values()) or 1.0
-        return {"gora_rank": {_short(n): r for n, r in self.ranks.items()},
-                "gora_importance": {_short(n): v / total for n, v in self.importances.items()}}
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")
+        return {"gora_rank": {short_name(n): r for n, r in self.ranks.items()},
+                "gora_importance": {short_name(n): v / total for n, v in self.importances.items()}}

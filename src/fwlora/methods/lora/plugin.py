@@ -16,6 +16,7 @@ def default_alpha(rank: int) -> float:
 @register
 class LoRA(Method):
     name, label = "lora", "LoRA"
+    ships_with = "peft"
     colour, line_style, role = "tab:blue", ("-", "o"), REFERENCE
 
     def build(self, model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 
 from fwlora.checks import is_real
 from fwlora.errors import bad_setting
-from fwlora.methods.base import Method, lora_config
+from fwlora.methods.base import Method, lora_config, short_name
 from fwlora.methods.gradients import find_lora_layers
 from fwlora.methods.loraone.init import precondition_
 from fwlora.methods.loraone.start import SpectralStartSettings, spectral_start
@@ -81,8 +81,4 @@ class LoRAOne(Method):
                 "captured_mean": sum(shares) / len(shares) if shares else None}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
-        return {"loraone_captured": {_short(n): v for n, v in self.captured.items()}}
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")
+        return {"loraone_captured": {short_name(n): v for n, v in self.captured.items()}}

@@ -1,4 +1,4 @@
-"""widecut: LoRA trained wide, cut once to LoRA's budget (release 3, built on the decomposition of AdaLoRA's edge).
+"""widecut: LoRA trained wide, cut once to LoRA's budget (AdaLoRA's capacity without its allocation).
 
 config.py (settings), cut.py (the library class; torch + peft + ../gradients/ + ../ranks.py), plugin.py.
 """

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from fwlora.errors import UserError
-from fwlora.methods.base import Method, RunInfo, lora_config
+from fwlora.methods.base import Method, RunInfo, lora_config, short_name
 from fwlora.methods.ranks import refresh_optimizer
 from fwlora.methods.registry import register
 from fwlora.methods.widecut.config import WideCutConfig
@@ -106,7 +106,7 @@ class WideCutLoRA(Method):
     def log_values(self, step: int) -> dict[str, float]:
         if step + 1 != self.cut.config.cut_at or not self.cut.ranks:
             return {}
-        return {f"rank/{_short(n)}": float(r) for n, r in self.cut.ranks.items()}
+        return {f"rank/{short_name(n)}": float(r) for n, r in self.cut.ranks.items()}
 
     def summary(self) -> dict[str, Any]:
         c, ranks = self.cut, self.cut.ranks
@@ -114,14 +114,10 @@ class WideCutLoRA(Method):
                 "budget_params": c.budget, "params": c.trained_params_over_run(self.run.total_steps),
                 "final_total_rank": sum(ranks.values()) if ranks else None,
                 "dropped_matrices": sum(r == 0 for r in ranks.values()) if ranks else None,
-                "ranks": {_short(n): r for n, r in ranks.items()}}
+                "ranks": {short_name(n): r for n, r in ranks.items()}}
 
     def matrix_columns(self) -> dict[str, dict[str, float]]:
-        return {"widecut_rank": {_short(n): r for n, r in self.cut.ranks.items()}}
+        return {"widecut_rank": {short_name(n): r for n, r in self.cut.ranks.items()}}
 
     def close(self) -> None:
         self.cut.remove()
-
-
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")
