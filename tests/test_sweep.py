@@ -229,6 +229,16 @@ def test_space_values_are_checked_against_train_config_before_any_trial(tmp_path
         sweep.Sweep(cfg, train_fn=fake_train).preflight()
 
 
+def test_every_registered_method_s_own_space_is_valid_training_settings(tmp_path, glue_dir):
+    """The preflight builds a TrainConfig from every value of every entry (the LoRA family's, GoRA's, spectral
+    widecut's): a space entry that no run could take fails here, not in trial 1 of a user's sweep."""
+    cfg = sweep.SweepConfig(methods=methods.names(), settings={**SLICE, "data_dir": str(glue_dir)},
+                            space=sweep.default_space(), trials=1, output_dir=str(tmp_path / "out"))
+    sweep.Sweep(cfg, train_fn=fake_train).preflight()
+    owned = {name for name, p in cfg.space.items() if p.methods}
+    assert owned == {key for m in methods.names() for key in methods.get(m).search_space} >= {"specwide_gamma"}
+
+
 def test_command_line_flags_fix_their_settings(tmp_path):
     def parse(*argv):
         return sweep_cli.config_from_args(build_parser().parse_args(["sweep", *argv]))
