@@ -16,6 +16,8 @@ above 0) the rival and the best column of a method PEFT ships (the highest mean 
 registry says which methods PEFT ships) on at least --goal-tasks of the tasks and pooled, at no more than
 --time-limit times the reference's training time (the mean over tasks of each task's median ratio; default:
 the method's own claimed limit). Every column's pooled mean ± std and pooled time ratio are shown beside it.
+With --parts start=loraone,capacity=widecut, what each idea carries: each part's gain over the reference, the
+goal column's, and their interaction (goal − Σ parts + (n − 1) reference, per seed: 0 where the gains add).
 
 A committed report whose records are not in the repository gives columns from its summary.json (final metric
 per seed only): `--summary results/fwrank/summary.json:adalora=adalora_noorth,lora=lora`. A column that a
@@ -79,9 +81,9 @@ def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = 
             for run in protocol.runs:
                 if run.status == Status.COMPLETE and run.result is not None:
                     _join(out[run.task][run.label], run.task, run.label, run.seed, run.result)
-                    if timings is not None and run.result.timing:
+                    if timings is not None and run.result.train_seconds is not None:
                         key = (run.task, run.label, run.seed)
-                        timings.setdefault(key, {})[directory.resolve()] = run.result.timing["train_seconds"]
+                        timings.setdefault(key, {})[directory.resolve()] = run.result.train_seconds
     for spec in summaries:
         path, _, names = spec.partition(":")
         rename = dict(pair.split("=", 1) for pair in names.split(",") if pair)
@@ -130,12 +132,17 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
         ratios = time_ratios(task, label, reference, timings or {}, list(sessions))
         shares = [share(r) for r in runs.values() if r.matrices]
         kind_share = {k: statistics.fmean(s.get(k, 0.0) for s in shares) if shares else None for k in KINDS}
+        init = [r.init_seconds / r.train_seconds for r in runs.values()
+                if getattr(r, "init_seconds", None) is not None and r.train_seconds]
         rows.append([label, f"{fmt_mean_std(mean_std(list(finals.values())))} ({len(finals)})",
                      "—" if label == reference else fmt_ci(vs["ref"]), "—" if label == rival else fmt_ci(vs["rival"]),
                      f"{fmt_count(b.get('trained_adapter_params_initial'))} → {fmt_count(b.get('trained_adapter_params_final'))}"
                      f" (mean {fmt_count(b.get('trained_adapter_params_mean'))})",
                      fmt_ratio(statistics.median(ratios), 2) if ratios and label != reference else "1" if label == reference else "—",
-                     *[fmt(100 * kind_share[k], 1) if kind_share[k] is not None else "—" for k in KINDS]])
+                     *[fmt(100 * kind_share[k], 1) if kind_share[k] is not None else "—" for k in KINDS],
+                     f"{fmt(100 * statistics.median(init), 1)} %" if init else "—"])
+    if all(row[-1] == "—" for row in rows):  # no column has a timed initialisation: no column for it
+        rows = [row[:-1] for row in rows]
     return rows, diffs
 
 
@@ -213,6 +220,25 @@ def goal_section(data: dict, goal: str, tasks: list[str], reference: str, rival:
     return lines
 
 
+def parts_section(data: dict, parts: dict[str, str], joint: str, tasks: list[str], reference: str) -> list[str]:
+    """Which part of the joint column's gain over the reference each idea carries: every part's column − the
+    reference and the joint's, per task and pooled, and the interaction joint − Σ parts + (n − 1) reference
+    per seed (0 where the ideas add up; paired 95 % intervals)."""
+    columns = {**parts, "together": joint}
+    rows = []
+    for t in [*tasks, "pooled"]:
+        values = {label: pooled_finals(data, label, tasks) if t == "pooled" else finals(data[t].get(label, {}))
+                  for label in [reference, *columns.values()]}
+        ref = values[reference]
+        gains = {name: beats(values[label], ref) for name, label in columns.items()}
+        seeds = sorted(set(ref).intersection(*(set(v) for v in values.values())))
+        interaction = [values[joint][s] - sum(values[label][s] for label in parts.values()) + (len(parts) - 1) * ref[s]
+                       for s in seeds]
+        rows.append([t, *[fmt_ci(gains[name]) for name in columns], fmt_ci(paired_ci(interaction, seeds))])
+    header = ["task", *[f"{name} ({label}) − {reference}" for name, label in columns.items()], "interaction"]
+    return [f"### what each idea carries: {joint} against its parts", "", markdown_table(header, rows), ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path)
@@ -228,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--goal", metavar="COLUMN", help="judge this column against the goal (see above)")
     p.add_argument("--goal-tasks", type=int, default=2, help="tasks it must win of the pooled ones (default: %(default)s)")
     p.add_argument("--time-limit", type=float, help="its time over the reference's at most this (default: its claim)")
+    p.add_argument("--parts", metavar="IDEA=COLUMN,...", help="with --goal: the columns that carry one idea each of "
+                   "the goal column (e.g. start=loraone,capacity=widecut): each one's gain and their interaction")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
+    if args.parts and (not args.goal or any("=" not in pair for pair in args.parts.split(",") if pair)):
+        p.error("--parts takes IDEA=COLUMN,... and needs --goal")
     timings: dict = {}
     data = collect(args.dirs, args.summary, timings)
     sessions = [{Path(d).resolve() for d in spec.split(",") if d} for spec in args.session]
@@ -243,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         header = ["column", f"{task} {metric} (seeds)", f"− {args.reference} [95 % CI]", f"− {args.rival} [95 % CI]",
                   "adapter params trained: start → end (mean over steps)", f"time / {args.reference}",
                   *[f"‖dW‖² % {analysis.kind_label(k)}" for k in KINDS]]
+        if rows and len(rows[0]) > len(header):
+            header.append("of its time: the initialisation")
         lines += [f"### {task}", "", markdown_table(header, rows), ""]
         for label, vs in diffs.items():
             for name, ci in vs.items():
@@ -262,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.goal:
         lines += goal_section(data, args.goal, pools[0] if pools else list(data), args.reference, args.rival,
                               args.goal_tasks, args.time_limit, timings, sessions)
+        if args.parts:
+            parts = dict(pair.split("=", 1) for pair in args.parts.split(",") if pair)
+            lines += parts_section(data, parts, args.goal, pools[0] if pools else list(data), args.reference)
     text = "\n".join(lines)
     print(text)
     if args.output:

@@ -144,7 +144,7 @@ def train_once(c: Check, method: str, run_dir: Path) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"fwlora train --method {method} exited {done.returncode}: {done.stderr[-2000:]}")
     record = read_result(run_dir)
-    return {"train_seconds": record.timing["train_seconds"], "timing": record.timing, "metric": record.metric,
+    return {"train_seconds": record.train_seconds, "timing": record.timing, "metric": record.metric,
             "final": record.final, "command": " ".join(cmd[1:])}
 
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([sys.executable, "-m", "fwlora", "train", "--config", str(config_file)], check=True,
                                stdout=subprocess.DEVNULL)
                 record = read_result(scratch / column / str(k))
-                seconds[column].append(float(record.timing["train_seconds"]))
+                seconds[column].append(record.train_seconds)
                 kept = output / "records" / column / f"seed{k}"
                 kept.mkdir(parents=True, exist_ok=True)
                 for name in ("config.json", "result.json"):

@@ -244,6 +244,40 @@ def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_bes
                                                              timings, [{session}]))  # it loses MRPC
 
 
+def test_the_parts_table_splits_a_gain_into_its_ideas_and_their_interaction():
+    """loraone (the start) gains 0.01 over lora, widecut (the capacity) 0.02, specwide (both) 0.035 on every
+    task and seed: the interaction is 0.035 − 0.01 − 0.02 = +0.005, a zero-width interval."""
+    from types import SimpleNamespace
+
+    edge = load_script("edge_table")
+    gains = {"lora": 0.0, "loraone": 0.01, "widecut": 0.02, "specwide": 0.035}
+    tasks = ["cola", "sst2"]
+    data = {t: {m: {s: SimpleNamespace(method=m, metric_value=lambda which, v=0.5 + 0.01 * s + g: v) for s in range(4)}
+                for m, g in gains.items()} for t in tasks}
+    text = "\n".join(edge.parts_section(data, {"start": "loraone", "capacity": "widecut"}, "specwide", tasks, "lora"))
+    assert "| task | start (loraone) − lora | capacity (widecut) − lora | together (specwide) − lora | interaction |" in text
+    for t in [*tasks, "pooled"]:
+        assert (f"| {t} | +0.010 [+0.010, +0.010] | +0.020 [+0.020, +0.020] | +0.035 [+0.035, +0.035] | "
+                f"+0.005 [+0.005, +0.005] |") in text
+
+
+def test_an_initialisation_s_share_of_the_time_gets_a_column_only_where_one_ran():
+    """eva's pass took 6 s of 120 and 9 s of 150 (5 % and 6 %: median 5.5 %); lora has none."""
+    from types import SimpleNamespace
+
+    edge = load_script("edge_table")
+
+    def run(v, init=None, seconds=100.0):
+        return SimpleNamespace(metric_value=lambda which: v, budget={}, matrices=None, init_seconds=init,
+                               train_seconds=seconds)
+
+    columns = {"lora": {0: run(0.5), 1: run(0.6)}, "eva": {0: run(0.5, 6.0, 120.0), 1: run(0.6, 9.0, 150.0)}}
+    rows, _ = edge.rows_for("cola", columns, ["lora", "eva"], "lora", "adalora")
+    assert rows[0][-1] == "—" and rows[1][-1] == "5.5 %"
+    rows, _ = edge.rows_for("cola", {"lora": columns["lora"]}, ["lora"], "lora", "adalora")
+    assert not any(cell.endswith("%") for cell in rows[0][-1:]) and len(rows[0]) == 6 + len(edge.KINDS)
+
+
 def test_run_times_rotates_the_order_and_pairs_each_round_with_its_own_reference():
     rt = load_script("run_times")
     columns = ["lora", "a", "b"]

@@ -113,6 +113,18 @@ class RunRecord:
         value = entry.get(self.metric) if self.metric else None
         return float(value) if is_real(value) else None
 
+    @property
+    def train_seconds(self) -> float | None:
+        """The run's training time (an initialisation's timed pass included), None where it did not finish."""
+        value = self.timing.get("train_seconds")
+        return float(value) if is_real(value) else None
+
+    @property
+    def init_seconds(self) -> float | None:
+        """The seconds of a method's timed initialisation (a data pass, SVDs) inside train_seconds; None: none."""
+        value = self.timing.get("init_seconds")
+        return float(value) if is_real(value) else None
+
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""
         return {m["name"]: m for m in self.matrices or [] if m.get("name")}
@@ -123,7 +135,7 @@ class RunRecord:
             raise KeyError("metric")
         float(self.final[self.metric])  # type: ignore[index]
         float(self.best[self.metric])  # type: ignore[index]
-        self.timing["train_seconds"]
+        float(self.timing["train_seconds"])
 
 
 # ---- files --------------------------------------------------------------------------------------

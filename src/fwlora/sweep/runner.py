@@ -328,7 +328,7 @@ class Sweep:
                 close_pruned_run(run_dir, cfg, metric, history, str(e))
                 raise
             runs.append({"seed": seed, **{kind: _metric(record, kind, run_dir) for kind in OBJECTIVES},
-                         "train_seconds": record.timing.get("train_seconds"), "run_dir": str(run_dir)})
+                         "train_seconds": record.train_seconds, "run_dir": str(run_dir)})
             trial.set_user_attr("runs", runs)
         trial.set_user_attr("metric", metric)
         for kind in OBJECTIVES:
