@@ -71,11 +71,21 @@ def test_workers_are_dealt_whole_groups_round_robin_in_seed_order(tmp_path):
     assert len(dealt) == 8 and all(len(g) == 2 for g in dealt)
     share = {w: [c.key for i, g in enumerate(dealt) if Worker(w, 3).owns(i) for c in g] for w in range(3)}
     # by hand: groups in plan order (seed, task, rank), every third one from the worker's index
-    # 0 s0/sst2/r1, 1 s0/sst2/r2, 2 s0/cola/r1, 3 s0/cola/r2, 4 s1/sst2/r1, 5 s1/sst2/r2, 6 s1/cola/r1, 7 s1/cola/r2
-    assert share[1] == ["sst2/r2/lora/seed0", "sst2/r2/fwlora/seed0", "sst2/r1/lora/seed1", "sst2/r1/fwlora/seed1",
-                        "cola/r2/lora/seed1", "cola/r2/fwlora/seed1"]
-    assert share[2] == ["cola/r1/lora/seed0", "cola/r1/fwlora/seed0", "sst2/r2/lora/seed1", "sst2/r2/fwlora/seed1"]
+    # 0 s0/sst2/r1, 1 s0/sst2/r2, 2 s0/cola/r1, 3 s0/cola/r2, 4 s1/sst2/r1, 5 s1/sst2/r2, 6 s1/cola/r1, 7 s1/cola/r2;
+    # within a group the methods in the preset's order turned by the seed's index (seed 1: fwlora first)
+    assert share[1] == ["sst2/r2/lora/seed0", "sst2/r2/fwlora/seed0", "sst2/r1/fwlora/seed1", "sst2/r1/lora/seed1",
+                        "cola/r2/fwlora/seed1", "cola/r2/lora/seed1"]
+    assert share[2] == ["cola/r1/lora/seed0", "cola/r1/fwlora/seed0", "sst2/r2/fwlora/seed1", "sst2/r2/lora/seed1"]
     assert sorted(k for keys in share.values() for k in keys) == sorted(c.key for c in cells)
+
+
+def test_no_method_always_runs_first_in_its_group(tmp_path):
+    """Seed k's groups start with the k-th method (mod the count): over 3 seeds each of 3 methods leads once."""
+    cells = plan({"source": "test"}, tmp_path, {"tasks": "sst2", "methods": "lora,fwlora,adalora", "ranks": "1",
+                                               "seeds": 4}, {"model": "minilm"})
+    orders = [[c.method for c in g] for g in groups(cells)]
+    assert orders == [["lora", "fwlora", "adalora"], ["fwlora", "adalora", "lora"], ["adalora", "lora", "fwlora"],
+                      ["lora", "fwlora", "adalora"]]
 
 
 def test_a_claim_is_exclusive_until_it_is_stale(tmp_path):
@@ -151,8 +161,8 @@ def test_a_live_claim_is_skipped_never_recorded_and_a_stale_one_taken_over(tmp_p
                                                            config={}))
     fake_train.hooks["sst2/r1/lora/seed1"] = another_worker_fails_a_run
     statuses = run_bench(cells, tmp_path)
-    assert fake_train.calls == [("sst2/r1/lora/seed1", True, False), ("sst2/r1/fwlora/seed1", False, False),
-                                ("sst2/r1/lora/seed2", False, True)]
+    assert fake_train.calls == [("sst2/r1/fwlora/seed1", False, False), ("sst2/r1/lora/seed1", True, False),
+                                ("sst2/r1/lora/seed2", False, True)]  # seed 1's group turned: fwlora first
     assert statuses == {"sst2/r1/lora/seed0": HELD, "sst2/r1/fwlora/seed0": HELD,
                         "sst2/r1/lora/seed1": COMPLETE, "sst2/r1/fwlora/seed1": COMPLETE,
                         "sst2/r1/lora/seed2": COMPLETE, "sst2/r1/fwlora/seed2": FAILED}
@@ -175,7 +185,7 @@ def test_held_runs_are_come_back_to_at_the_end_and_shares_are_kept(tmp_path, fak
     # worker 1/3 without stealing runs only its own group (seed 1); the rest is another worker's
     fake_train.calls.clear()
     statuses = run_bench(grid(tmp_path / "b"), tmp_path / "b", worker=Worker(1, 3), steal=False)
-    assert [k for k, _, _ in fake_train.calls] == ["sst2/r1/lora/seed1", "sst2/r1/fwlora/seed1"]
+    assert [k for k, _, _ in fake_train.calls] == ["sst2/r1/fwlora/seed1", "sst2/r1/lora/seed1"]  # turned
     assert [s for s in statuses.values()] == [OTHER, OTHER, COMPLETE, COMPLETE, OTHER, OTHER]
 
 
