@@ -1,5 +1,5 @@
 """Ranks under a budget, and applying them to a live PEFT LoRA model: what every rank-allocating method shares
-(fwrank, widecut). Depends on torch, peft, fwlora.errors and methods/lowrank.py (dW's SVD from its factors) only.
+(fwrank, widecut, GoRA). Depends on torch, peft, fwlora.errors and methods/lowrank.py (dW's SVD from its factors) only.
 
 Allocation rules (pure, deterministic, independent of the input dicts' order) share out a hard budget of
 adapter parameters,
