@@ -57,7 +57,7 @@ class SummaryRun:
 
     def __init__(self, metric: str, final: float) -> None:
         self.metric, self.final, self.timing, self.budget, self.matrices = metric, final, {}, {}, None
-        self.method = None
+        self.method = self.train_seconds = self.init_seconds = None
 
     def metric_value(self, which: str) -> float:
         return self.final
@@ -115,26 +115,31 @@ def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: 
     return ratios
 
 
+def finals(runs: dict) -> dict[int, float]:
+    return {s: r.metric_value("final") for s, r in runs.items()}
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]):
+    """The paired interval of a − b over their shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    return paired_ci([a[s] - b[s] for s in seeds], seeds)
+
+
 def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: str,
              timings: dict | None = None, sessions: list[set[Path]] = ()) -> tuple[list, dict]:
-    ref, riv = columns.get(reference, {}), columns.get(rival, {})
+    ref, riv = finals(columns.get(reference, {})), finals(columns.get(rival, {}))
     rows, diffs = [], {}
     for label in [c for c in order if c in columns]:
         runs = columns[label]
-        finals = {s: r.metric_value("final") for s, r in runs.items()}
-        vs = {}
-        for other, name in ((ref, "ref"), (riv, "rival")):
-            seeds = sorted(set(finals) & set(other))
-            d = [finals[s] - other[s].metric_value("final") for s in seeds]
-            vs[name] = paired_ci(d, seeds)
+        mine = finals(runs)
+        vs = {"ref": paired_difference(mine, ref), "rival": paired_difference(mine, riv)}
         diffs[label] = vs
         b = next(iter(runs.values())).budget
         ratios = time_ratios(task, label, reference, timings or {}, list(sessions))
         shares = [share(r) for r in runs.values() if r.matrices]
         kind_share = {k: statistics.fmean(s.get(k, 0.0) for s in shares) if shares else None for k in KINDS}
-        init = [r.init_seconds / r.train_seconds for r in runs.values()
-                if getattr(r, "init_seconds", None) is not None and r.train_seconds]
-        rows.append([label, f"{fmt_mean_std(mean_std(list(finals.values())))} ({len(finals)})",
+        init = [r.init_seconds / r.train_seconds for r in runs.values() if r.init_seconds is not None and r.train_seconds]
+        rows.append([label, f"{fmt_mean_std(mean_std(list(mine.values())))} ({len(mine)})",
                      "—" if label == reference else fmt_ci(vs["ref"]), "—" if label == rival else fmt_ci(vs["rival"]),
                      f"{fmt_count(b.get('trained_adapter_params_initial'))} → {fmt_count(b.get('trained_adapter_params_final'))}"
                      f" (mean {fmt_count(b.get('trained_adapter_params_mean'))})",
@@ -144,16 +149,6 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
     if all(row[-1] == "—" for row in rows):  # no column has a timed initialisation: no column for it
         rows = [row[:-1] for row in rows]
     return rows, diffs
-
-
-def finals(runs: dict) -> dict[int, float]:
-    return {s: r.metric_value("final") for s, r in runs.items()}
-
-
-def beats(a: dict[int, float], b: dict[int, float]):
-    """The paired interval of a − b over their shared seeds."""
-    seeds = sorted(set(a) & set(b))
-    return paired_ci([a[s] - b[s] for s in seeds], seeds)
 
 
 def pooled_finals(data: dict, label: str, tasks: list[str]) -> dict[int, float]:
@@ -201,9 +196,9 @@ def goal_section(data: dict, goal: str, tasks: list[str], reference: str, rival:
     met = bool(opponents)
     rows = []
     for other in opponents:
-        per_task = {t: beats(finals(data[t].get(goal, {})), finals(data[t].get(other, {}))) for t in tasks}
+        per_task = {t: paired_difference(finals(data[t].get(goal, {})), finals(data[t].get(other, {}))) for t in tasks}
         won = [t for t, ci in per_task.items() if ci.low is not None and ci.low > 0]
-        whole = beats(pooled[goal], pooled[other])
+        whole = paired_difference(pooled[goal], pooled[other])
         pooled_won = whole.low is not None and whole.low > 0
         met &= len(won) >= need and pooled_won
         rows.append([other + (" (best PEFT column)" if other == best else ""),
@@ -230,7 +225,7 @@ def parts_section(data: dict, parts: dict[str, str], joint: str, tasks: list[str
         values = {label: pooled_finals(data, label, tasks) if t == "pooled" else finals(data[t].get(label, {}))
                   for label in [reference, *columns.values()]}
         ref = values[reference]
-        gains = {name: beats(values[label], ref) for name, label in columns.items()}
+        gains = {name: paired_difference(values[label], ref) for name, label in columns.items()}
         seeds = sorted(set(ref).intersection(*(set(v) for v in values.values())))
         interaction = [values[joint][s] - sum(values[label][s] for label in parts.values()) + (len(parts) - 1) * ref[s]
                        for s in seeds]
