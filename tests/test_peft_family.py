@@ -7,7 +7,8 @@
   untouched backbone, head included);
 - the trained parameters match a hand count from the model's dimensions (DoRA's magnitudes, EVA's ranks);
 - the recorded dW of an initialisation that starts away from zero is the update training made;
-- a quantized backbone is refused in one line where PEFT cannot build the method; bench and report take them.
+- a quantized backbone is refused in one line where PEFT cannot build the method; a real bench (with GoRA,
+  LoRA-One and spectral widecut), its report and a sweep run every one.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def test_dora_records_its_merged_weight_change(cli_runs, tmp_path):
         assert row["fro_norm"] == pytest.approx(float((merged[key] - base[key]).double().norm()), rel=1e-3, abs=1e-6)
 
 
-def test_report_and_bench_take_the_family(cli_runs, tmp_path, capsys):
+def test_report_takes_the_family(cli_runs, tmp_path):
     root, _, _ = cli_runs
     assert main(["report", str(root), "--output", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
@@ -275,13 +276,42 @@ def test_report_and_bench_take_the_family(cli_runs, tmp_path, capsys):
         assert methods.label(method) in text
     colours = [methods.get(m).colour for m in methods.names()]
     assert None not in colours and len(set(colours)) == len(colours)
+
+
+GRADIENT_STARTS = ["gora", "loraone", "specwide"]  # not in PEFT: the first-order initialisations and ours
+
+
+def test_bench_and_sweep_run_every_family_method_for_real(tiny_dir, glue, tmp_path, capsys):
+    """One `fwlora bench --methods lora,rslora,...` trains every method on the tiny model (no dry run), its report
+    lists each one with its own trained-parameter count, and `fwlora sweep` runs a trial of each in its own
+    search space and writes its best settings."""
+    import yaml
+
+    names = ["lora", *FAMILY, *GRADIENT_STARTS]
+    shared = ["--set", f"model={tiny_dir}", "--set", "train_limit=32", "--set", "eval_limit=16", "--set", "epochs=1",
+              "--set", "batch_size=8", "--set", "max_length=16", "--set", "threads=1", "--set", "report_to=none"]
+    bench = tmp_path / "bench"
+    assert main(["bench", "--tasks", "cola", "--methods", ",".join(names), "--ranks", "2", "--seeds", "1",
+                 "--data-dir", str(glue), "--output-dir", str(bench), *shared]) == 0
+    text = (bench / "report" / "report.md").read_text()
+    trained = {}
+    for method in names:
+        found = [json.loads(p.read_text()) for p in bench.glob(f"cola/r2/{method}/seed0/result.json")]
+        assert len(found) == 1 and found[0]["status"] == "complete", method
+        assert methods.label(method) in text
+        trained[method] = found[0]["budget"]["adapter_trainable_params"]
+    assert trained["rslora"] == trained["loraplus"] == trained["lora"]  # a scale or an optimizer: LoRA's factors
+    assert trained["dora"] > trained["lora"]  # DoRA adds a magnitude per output feature
     capsys.readouterr()
-    glue = Path(json.loads((root / "lora" / "config.json").read_text())["config"]["data_dir"])
-    assert main(["bench", "--tasks", "cola", "--methods", ",".join(["lora", *FAMILY]), "--ranks", "2", "--seeds", "1",
-                 "--data-dir", str(glue), "--output-dir", str(tmp_path / "bench"), "--dry-run"]) == 0
-    listed = capsys.readouterr().out
-    for method in FAMILY:
-        assert method in listed
+
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", "--task", "cola", "--methods", ",".join(names), "--trials", "1", "--rank", "2",
+                 "--data-dir", str(glue), "--output-dir", str(sweep), "--model", str(tiny_dir), "--train-limit", "32",
+                 "--eval-limit", "16", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--threads", "1",
+                 "--report-to", "none"]) == 0
+    for method in names:
+        best = yaml.safe_load((sweep / f"best_{method}.yaml").read_text())
+        assert best["method"] == method and best["lr"] > 0
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------
