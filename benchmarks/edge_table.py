@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from fwlora import analysis, methods  # noqa: E402
-from fwlora.records import Status  # noqa: E402
+from fwlora.records import RunBudget, RunTiming, Status  # noqa: E402
 from fwlora.report.load import discover  # noqa: E402
 from fwlora.report.stats import mean_std, paired_ci  # noqa: E402
 from fwlora.report.text import fmt, fmt_ci, fmt_count, fmt_mean_std, fmt_ratio, markdown_table  # noqa: E402
@@ -56,7 +56,7 @@ class SummaryRun:
     """A committed run known only by its final metric (a summary.json's final_by_seed)."""
 
     def __init__(self, metric: str, final: float) -> None:
-        self.metric, self.final, self.timing, self.budget, self.matrices = metric, final, {}, {}, None
+        self.metric, self.final, self.timing, self.budget, self.matrices = metric, final, RunTiming(), RunBudget(), None
         self.method = self.train_seconds = self.init_seconds = None
 
     def metric_value(self, which: str) -> float:
@@ -141,8 +141,8 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
         init = [r.init_seconds / r.train_seconds for r in runs.values() if r.init_seconds is not None and r.train_seconds]
         rows.append([label, f"{fmt_mean_std(mean_std(list(mine.values())))} ({len(mine)})",
                      "—" if label == reference else fmt_ci(vs["ref"]), "—" if label == rival else fmt_ci(vs["rival"]),
-                     f"{fmt_count(b.get('trained_adapter_params_initial'))} → {fmt_count(b.get('trained_adapter_params_final'))}"
-                     f" (mean {fmt_count(b.get('trained_adapter_params_mean'))})",
+                     f"{fmt_count(b.trained_adapter_params_initial)} → {fmt_count(b.trained_adapter_params_final)}"
+                     f" (mean {fmt_count(b.trained_adapter_params_mean)})",
                      fmt_ratio(statistics.median(ratios), 2) if ratios and label != reference else "1" if label == reference else "—",
                      *[fmt(100 * kind_share[k], 1) if kind_share[k] is not None else "—" for k in KINDS],
                      f"{fmt(100 * statistics.median(init), 1)} %" if init else "—"])

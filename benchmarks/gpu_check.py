@@ -144,7 +144,7 @@ def train_once(c: Check, method: str, run_dir: Path) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"fwlora train --method {method} exited {done.returncode}: {done.stderr[-2000:]}")
     record = read_result(run_dir)
-    return {"train_seconds": record.train_seconds, "timing": record.timing, "metric": record.metric,
+    return {"train_seconds": record.train_seconds, "timing": record.timing.to_dict(), "metric": record.metric,
             "final": record.final, "command": " ".join(cmd[1:])}
 
 
@@ -292,8 +292,8 @@ def cola(c: Check) -> None:
         cpu = read_result(committed) if (committed / "result.json").is_file() else None
         c.write("cola", "result", path=str(rel), method=record.method, status=str(record.status),
                 dtype=record.config.get("mixed_precision"), metric=record.metric, final=record.final,
-                timing=record.timing, run_env=record.env, committed_cpu=None if cpu is None else {
-                    "path": str(committed.relative_to(REPO)), "final": cpu.final, "timing": cpu.timing})
+                timing=record.timing.to_dict(), run_env=record.env, committed_cpu=None if cpu is None else {
+                    "path": str(committed.relative_to(REPO)), "final": cpu.final, "timing": cpu.timing.to_dict()})
     if done.returncode != 0:
         raise RuntimeError(f"fwlora bench exited {done.returncode}: {done.stderr[-2000:]}")
     c.write("cola", "stage", status="done", command=" ".join(cmd[1:]), seconds=time.perf_counter() - start,

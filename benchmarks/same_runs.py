@@ -40,7 +40,7 @@ def identical(a: RunRecord, b: RunRecord) -> bool:
 
 
 def seconds(record: RunRecord, key: str) -> float:
-    return float(record.timing.get(key) or 0.0)
+    return float(getattr(record.timing, key) or 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

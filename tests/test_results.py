@@ -1,12 +1,16 @@
 """Every committed result reloads and reports identically: `fwlora report` over results/*/records rebuilds
-the committed report.md (its numbers, tables and verdict lines; the directory it was read from aside)."""
+the committed report.md (its numbers, tables and verdict lines; the directory it was read from aside), and
+every committed result.json reads into the typed record and writes back what it held."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 
+from fwlora.records import LEGACY_TIMING, RunBudget, RunRecord, RunTiming
 from fwlora.report import write_report
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -27,3 +31,29 @@ def test_a_committed_report_rebuilds_from_its_records(records, tmp_path):
 
 def test_there_are_committed_records():
     assert len(COMMITTED) >= 3
+
+
+def test_every_committed_record_reads_typed_and_writes_back_what_it_held():
+    """A missing `resumes` reads as 0; nothing the file held is lost or changed."""
+    paths = sorted(RESULTS.rglob("result.json"))
+    assert len(paths) > 100
+    for path in paths:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        record = RunRecord.from_dict(raw)
+        assert isinstance(record.timing, RunTiming) and isinstance(record.budget, RunBudget)
+        written = record.to_dict()
+        timing = {LEGACY_TIMING.get(k, k): v for k, v in raw.get("timing", {}).items() if v is not None}
+        assert written["timing"] == {"resumes": 0, **timing}, path
+        assert written["budget"] == {k: v for k, v in raw.get("budget", {}).items() if v is not None}, path
+        assert record.train_seconds == timing.get("train_seconds")
+        assert RunRecord.from_dict(written).to_dict() == written
+
+
+def test_release_1_timing_names_and_bad_values_read_typed():
+    record = RunRecord.from_dict({"task": "sst2", "method": "fwlora", "seed": 0, "status": "complete", "timing": {
+        "train_seconds": 12, "fw_warmup_seconds": 3.5, "fw_warmup_step_seconds_median": 0.2, "optimizer_steps": 40.0,
+        "step_seconds_median": "n/a", "examples_per_second": True, "someday": 1}, "budget": {"rank": 2, "head": 3}})
+    assert record.timing == RunTiming(train_seconds=12.0, warmup_seconds=3.5, warmup_step_seconds_median=0.2,
+                                      optimizer_steps=40)
+    assert record.budget == RunBudget(rank=2)
+    assert record.train_seconds == 12.0 and record.init_seconds is None

@@ -110,7 +110,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, for_
         raise UserError(f"{adapter}: no adapter (adapter_config.json) in this complete run; was it copied without it?")
     cfg = TrainConfig.from_dict(config, source=str(run_dir / "config.json"))
     kind, num_labels, names = _kind_and_labels(cfg, record)
-    head = (record.budget or {}).get("head") or resolve_head(cfg)
+    head = record.budget.head or resolve_head(cfg)
     model_kind = models.CAUSAL_LM if kind == "causal-lm" else models.SEQUENCE_CLASSIFICATION
     base, tokenizer = models.load_backbone(cfg.model, num_labels, head, kind=model_kind, dtype=cfg.dtype)
     if (adapter / "tokenizer_config.json").is_file():  # the tokenizer the run trained with (its pad token set)

@@ -9,6 +9,9 @@ A run directory holds
 A bench directory adds bench.json (the grid and its command).
 Under torchrun only the main process writes these files (the write_* helpers do nothing elsewhere).
 
+The record is typed (RunRecord, with RunTiming and RunBudget); `method_info` is the method's own mapping (its
+resolved settings and ranks, whatever the method's summary() says).
+
 result.json carries `schema_version`. Version 1 (release 1) had no version field and kept a method's
 resolved settings under the method's own name (only AdaLoRA had any); `RunRecord.from_dict` reads both.
 """
@@ -45,6 +48,90 @@ class Status(str, enum.Enum):
         return self.value
 
 
+# release 1 wrote a warm-up's timings under fw_* names; schema 2 names them for any method
+LEGACY_TIMING = {"fw_warmup_step_seconds_median": "warmup_step_seconds_median",
+                 "fw_after_warmup_step_seconds_median": "after_warmup_step_seconds_median",
+                 "fw_warmup_seconds": "warmup_seconds"}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if is_real(value) else None
+
+
+@dataclass
+class RunTiming:
+    """result.json's `timing`: the run's clocks (synchronised device clocks per step, after an untimed warm-up
+    step) and its peak memory. None: not measured (an unfinished run, a method without a warm-up)."""
+
+    train_seconds: float | None = None  # a method's timed initialisation included
+    init_seconds: float | None = None  # that initialisation (a data pass, SVDs): None where a method has none
+    eval_seconds: float | None = None
+    load_seconds: float | None = None  # building the model and data, outside train_seconds
+    optimizer_steps: int | None = None
+    examples_per_second: float | None = None
+    step_seconds_median: float | None = None
+    warmup_step_seconds_median: float | None = None  # a method with a measuring warm-up: its steps apart
+    after_warmup_step_seconds_median: float | None = None
+    warmup_seconds: float | None = None
+    peak_memory: dict[str, Any] | None = None  # device.PeakMemory's reading: kind, bytes, since
+    resumes: int = 0  # a resumed run's times include a restart's costs: compare with care
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunTiming":
+        values = {LEGACY_TIMING.get(k, k): v for k, v in (data or {}).items()} if isinstance(data, dict) else {}
+        numbers = {f.name: _number(values.get(f.name)) for f in dataclasses.fields(cls)
+                   if f.name not in ("peak_memory", "resumes", "optimizer_steps")}
+        steps, resumes = values.get("optimizer_steps"), values.get("resumes")
+        memory = values.get("peak_memory")
+        return cls(**numbers, optimizer_steps=int(steps) if is_real(steps) else None,
+                   resumes=int(resumes) if is_real(resumes) else 0,
+                   peak_memory=memory if isinstance(memory, dict) else None)
+
+
+@dataclass
+class RunBudget:
+    """result.json's `budget`: the rank and budget the run was given (budget.Budget's fields) and what it
+    trained. A method that resizes its adapter (AdaLoRA's init_r ranks, widecut's width) trains more or fewer
+    adapter parameters than its budget: initial, final and the mean over its optimizer steps."""
+
+    rank: int | None = None
+    adapter_params: int | None = None  # the budget: LoRA's size at this rank
+    backbone_params: int | None = None
+    head_params: int | None = None
+    percent: float | None = None  # adapter_params / backbone_params, in %
+    requested_percent: float | None = None  # --budget, where the rank came from one
+    trainable_params: int | None = None  # at the end, the head included
+    adapter_trainable_params: int | None = None
+    trained_adapter_params_initial: int | None = None
+    trained_adapter_params_final: int | None = None
+    trained_adapter_params_mean: float | None = None
+    head: str | None = None  # the head it trained (resolved: "mean", "cls", "model", ...)
+    lora_alpha: float | None = None
+    targets: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunBudget":
+        values = data if isinstance(data, dict) else {}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = values.get(f.name)
+            if f.name in ("head",):
+                out[f.name] = v if isinstance(v, str) else None
+            elif f.name == "targets":
+                out[f.name] = [str(t) for t in v] if isinstance(v, list) else None
+            elif f.name in ("percent", "requested_percent", "trained_adapter_params_mean", "lora_alpha"):
+                out[f.name] = _number(v)
+            else:
+                out[f.name] = int(v) if is_real(v) else None
+        return cls(**out)
+
+
 @dataclass
 class RunRecord:
     """result.json, typed. A complete run fills every field; an unfinished one the identity fields, the
@@ -61,9 +148,9 @@ class RunRecord:
     best: dict[str, Any] | None = None  # the best epoch by the headline metric
     epochs: list[dict[str, Any]] = field(default_factory=list)
     processes: int = 1
-    budget: dict[str, Any] = field(default_factory=dict)
-    method_info: dict[str, Any] = field(default_factory=dict)  # what the method adds (its resolved settings, ranks)
-    timing: dict[str, Any] = field(default_factory=dict)
+    budget: RunBudget = field(default_factory=RunBudget)
+    method_info: dict[str, Any] = field(default_factory=dict)  # the method's own (its resolved settings, ranks)
+    timing: RunTiming = field(default_factory=RunTiming)
     matrices: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -74,9 +161,15 @@ class RunRecord:
     reason: str | None = None  # why a sweep pruned it
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:  # a mapping (a test's hand-made record, an older reader) is read as typed
+        if not isinstance(self.budget, RunBudget):
+            self.budget = RunBudget.from_dict(self.budget)
+        if not isinstance(self.timing, RunTiming):
+            self.timing = RunTiming.from_dict(self.timing)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["status"] = str(self.status)
+        out.update(status=str(self.status), budget=self.budget.to_dict(), timing=self.timing.to_dict())
         return out
 
     @classmethod
@@ -116,14 +209,12 @@ class RunRecord:
     @property
     def train_seconds(self) -> float | None:
         """The run's training time (an initialisation's timed pass included), None where it did not finish."""
-        value = self.timing.get("train_seconds")
-        return float(value) if is_real(value) else None
+        return self.timing.train_seconds
 
     @property
     def init_seconds(self) -> float | None:
         """The seconds of a method's timed initialisation (a data pass, SVDs) inside train_seconds; None: none."""
-        value = self.timing.get("init_seconds")
-        return float(value) if is_real(value) else None
+        return self.timing.init_seconds
 
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""
@@ -135,7 +226,8 @@ class RunRecord:
             raise KeyError("metric")
         float(self.final[self.metric])  # type: ignore[index]
         float(self.best[self.metric])  # type: ignore[index]
-        float(self.timing["train_seconds"])
+        if self.timing.train_seconds is None:
+            raise KeyError("timing.train_seconds")
 
 
 # ---- files --------------------------------------------------------------------------------------

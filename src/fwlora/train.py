@@ -28,7 +28,8 @@ from fwlora.device import device_sync, set_tf32, warm_up_step
 from fwlora.errors import NonFiniteError, NonFiniteFisherError, TrainingInterrupted, UserError
 from fwlora.methods.base import DataPass, Method
 from fwlora.plan import build_method, plan_run, resolve_head
-from fwlora.records import ADAPTER_DIR, CHECKPOINT_DIR, RunRecord, Status, write_config, write_result
+from fwlora.records import (ADAPTER_DIR, CHECKPOINT_DIR, RunBudget, RunRecord, RunTiming, Status, write_config,
+                            write_result)
 from fwlora.rundir import environment, prepare_run_dir
 from fwlora.stopping import StopSignals
 from fwlora.tasks import subset, task_for
@@ -207,45 +208,49 @@ def warm_up_pass(model: torch.nn.Module, data: DataPass, targets: list[str], dev
 
 # ---- the result --------------------------------------------------------------------------------------------
 
-def timing_summary(trainer: Trainer) -> dict[str, Any]:
+def timing_summary(trainer: Trainer, load_seconds: float) -> RunTiming:
     """Times from synchronised clocks (the device's events per step), after an untimed warm-up step; the peak
-    memory since the run started (device.PeakMemory says how, and `since` from when)."""
+    memory since the run started (device.PeakMemory says how, and `since` from when). A method's timed build
+    (init_seconds) is training time, not loading."""
     progress, init_seconds = trainer.progress, trainer.setup.init_seconds
     steps, train_seconds = progress.step_seconds, progress.train_seconds
-    out = {
-        "train_seconds": train_seconds,
-        "eval_seconds": progress.eval_seconds,
-        "optimizer_steps": progress.global_step,
-        "examples_per_second": (len(trainer.setup.train_data) * trainer.cfg.epochs / train_seconds
-                                if train_seconds else None),
-        "step_seconds_median": statistics.median(steps) if steps else None,
-        "peak_memory": trainer.memory.read(),
-        "resumes": progress.resumes,  # a resumed run's times include a restart's costs: compare with care
-    }
-    if init_seconds is not None:  # the method's timed build: part of its training time
-        out["init_seconds"] = init_seconds
-        out["train_seconds"] = train_seconds + init_seconds
+    timing = RunTiming(
+        train_seconds=train_seconds + (init_seconds or 0.0),
+        init_seconds=init_seconds,
+        eval_seconds=progress.eval_seconds,
+        load_seconds=load_seconds - (init_seconds or 0.0),
+        optimizer_steps=progress.global_step,
+        examples_per_second=(len(trainer.setup.train_data) * trainer.cfg.epochs / train_seconds
+                             if train_seconds else None),
+        step_seconds_median=statistics.median(steps) if steps else None,
+        peak_memory=trainer.memory.read(),
+        resumes=progress.resumes,
+    )
     warmup = trainer.method.warmup_steps()  # a method with a warm-up: its steps timed apart
     if warmup is not None and steps:
         warmup = min(warmup, len(steps))
-        out["warmup_step_seconds_median"] = statistics.median(steps[:warmup])
         after = steps[warmup:]
-        out["after_warmup_step_seconds_median"] = statistics.median(after) if after else None
-        out["warmup_seconds"] = sum(steps[:warmup])
-    return out
+        timing.warmup_step_seconds_median = statistics.median(steps[:warmup])
+        timing.after_warmup_step_seconds_median = statistics.median(after) if after else None
+        timing.warmup_seconds = sum(steps[:warmup])
+    return timing
 
 
-def trained_params(trainer: Trainer) -> dict[str, Any]:
-    """Adapter parameters trained: at the start, at the end, and averaged over the optimizer steps (a method
-    that resizes its adapter, or AdaLoRA's init_r ranks, trains more or fewer than its final budget)."""
-    head = trainer.setup.budget.head_params
+def budget_summary(trainer: Trainer) -> RunBudget:
+    """The budget the run was given and the adapter parameters it trained: at the start, at the end, and
+    averaged over the optimizer steps (a method that resizes its adapter, or AdaLoRA's init_r ranks, trains
+    more or fewer than its final budget)."""
+    run, head = trainer.setup, trainer.setup.budget.head_params
     stretches = trainer.progress.param_counts  # [first step, count] each
     total = max(trainer.progress.global_step, 1)
     ends = [start for start, _ in stretches[1:]] + [total]
     weighted = sum((min(end, total) - start) * count for (start, count), end in zip(stretches, ends))
-    return {"trained_adapter_params_initial": stretches[0][1] - head,
-            "trained_adapter_params_final": stretches[-1][1] - head,
-            "trained_adapter_params_mean": weighted / total - head}
+    trainable = sum(p.numel() for p in trainer.params)
+    return RunBudget(**run.budget.to_dict(), trainable_params=trainable, adapter_trainable_params=trainable - head,
+                     trained_adapter_params_initial=stretches[0][1] - head,
+                     trained_adapter_params_final=stretches[-1][1] - head,
+                     trained_adapter_params_mean=weighted / total - head, head=run.head,
+                     lora_alpha=trainer.method.summary().get("lora_alpha"), targets=list(run.targets))
 
 
 def summarise(trainer: Trainer, env: dict, load_seconds: float) -> RunRecord:
@@ -256,17 +261,14 @@ def summarise(trainer: Trainer, env: dict, load_seconds: float) -> RunRecord:
     # the update training made, per matrix: the main process alone writes the record, so it alone takes the
     # SVDs
     deltas = method.delta_weights(models.delta_weights(trainer.unwrapped)) if trainer.is_main else {}
-    trainable = sum(p.numel() for p in trainer.params)
     return RunRecord(
         status=Status.COMPLETE, task=cfg.task, method=cfg.method, seed=cfg.seed, config=cfg.to_dict(),
         metric=metric, higher_is_better=run.task.higher_is_better, final=history[-1], best=best,
         epochs=history,
         processes=trainer.accelerator.num_processes,
-        budget={**run.budget.to_dict(), "trainable_params": trainable,
-                "adapter_trainable_params": trainable - run.budget.head_params, **trained_params(trainer),
-                "head": run.head, "lora_alpha": method.summary().get("lora_alpha"), "targets": run.targets},
+        budget=budget_summary(trainer),
         method_info=method.summary(),
-        timing={**timing_summary(trainer), "load_seconds": load_seconds - (trainer.setup.init_seconds or 0.0)},
+        timing=timing_summary(trainer, load_seconds),
         matrices=analysis.matrix_table(deltas, **method.matrix_columns()) if trainer.is_main else [],
         data={"source": run.data_source, "train_examples": len(run.train_data),
               "eval_examples": len(run.eval_data), "steps_per_epoch": run.steps_per_epoch,

@@ -65,8 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metric = record.metric
     print(f"{cfg.task} {cfg.method}: final {metric} {record.metric_value('final'):.4f} (best "
           f"{record.metric_value('best'):.4f} at epoch {record.best['epoch']}), training "
-          f"{record.train_seconds:.1f} s, rank {record.budget['rank']} = "
-          f"{record.budget['percent']:.3f} % "
+          f"{record.train_seconds:.1f} s, rank {record.budget.rank} = "
+          f"{record.budget.percent:.3f} % "
           f"of the backbone -> {cfg.output_dir}")
     return 0
 

@@ -21,10 +21,8 @@ from fwlora.report.matrices import MatrixStats, matrix_stats
 from fwlora.report.stats import (MeanStd, PairedInterval, RatioSummary, at_majority, mean_std, median_ratio,
                                  paired_ci)
 
-# release 1 wrote a warm-up's timings under fw_* names; schema 2 names them for any method
-LEGACY_TIMING = {"warmup_step_seconds_median": "fw_warmup_step_seconds_median",
-                 "after_warmup_step_seconds_median": "fw_after_warmup_step_seconds_median",
-                 "warmup_seconds": "fw_warmup_seconds"}
+# a warm-up's step times, shown where a method has a measuring warm-up
+WARMUP_TIMING = ("warmup_step_seconds_median", "after_warmup_step_seconds_median", "warmup_seconds")
 
 
 @dataclass(frozen=True)
@@ -145,12 +143,9 @@ def best_entry(rec: RunRecord) -> dict[str, Any]:
     return pick(scored, key=lambda e: float(e[rec.metric]))
 
 
-def timing(rec: RunRecord, key: str) -> float | None:
-    t = rec.timing or {}
-    v = t.get(key)
-    if v is None and key in LEGACY_TIMING:
-        v = t.get(LEGACY_TIMING[key])
-    return float(v) if is_finite_real(v) else None
+def finite(value: Any) -> float | None:
+    """A clock's reading as a float; None where not measured or not finite."""
+    return float(value) if is_finite_real(value) else None
 
 
 def majority_value(records: Sequence[RunRecord], metric: str | None) -> float | None:
@@ -193,14 +188,15 @@ def _seed_count(runs: Mapping[int, Run], expected_seeds: Sequence[int]) -> SeedC
 
 
 def _adapter_size(first: RunRecord) -> AdapterSize:
-    b = first.budget or {}
-    backbone, adapter = b.get("backbone_params"), b.get("adapter_trainable_params")
-    params = ParamsTrained(*(b.get(f"trained_adapter_params_{k}") for k in ("initial", "final", "mean")))
+    b = first.budget
+    backbone, adapter = b.backbone_params, b.adapter_trainable_params
+    params = ParamsTrained(b.trained_adapter_params_initial, b.trained_adapter_params_final,
+                           b.trained_adapter_params_mean)
     recorded = any(is_finite_real(v) for v in (params.initial, params.final, params.mean))
     spent = params.mean if is_finite_real(params.mean) else adapter  # the mean over steps where recorded
     usable = is_finite_real(spent) and spent and is_finite_real(backbone) and backbone
-    return AdapterSize(b.get("rank"), b.get("percent"), adapter, params if recorded else None,
-                       b.get("head_params"), backbone, 100.0 * spent / backbone if usable else None)
+    return AdapterSize(b.rank, b.percent, adapter, params if recorded else None, b.head_params, backbone,
+                       100.0 * spent / backbone if usable else None)
 
 
 def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], reference: Mapping[int, Run] | None,
@@ -208,8 +204,8 @@ def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], referen
     """One column's statistics. `reference`: the reference's runs in this cell (None: no time ratios)."""
     complete = complete_records(runs)
     final = {s: r.metric_value("final") for s, r in complete.items()}
-    train = {s: timing(r, "train_seconds") for s, r in complete.items()}
-    step = {s: timing(r, "step_seconds_median") for s, r in complete.items()}
+    train = {s: finite(r.timing.train_seconds) for s, r in complete.items()}
+    step = {s: finite(r.timing.step_seconds_median) for s, r in complete.items()}
     records = list(complete.values())
     extra: dict[str, Any] = {}
     if records:
@@ -218,15 +214,14 @@ def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], referen
         totals = [(r.method_info or {}).get("final_total_rank") for r in records]
         if any(is_finite_real(v) for v in totals):
             extra["final_total_rank"] = mean_std(totals)
-        for key in LEGACY_TIMING:
-            values = [timing(r, key) for r in records]
+        for key in WARMUP_TIMING:
+            values = [finite(getattr(r.timing, key)) for r in records]
             if any(v is not None for v in values):
                 extra[key] = mean_std(values)
     if reference is not None:
         done = complete_records(reference)
-        extra["time_ratio"] = median_ratio(train, {s: timing(r, "train_seconds") for s, r in done.items()})
-        extra["step_ratio"] = median_ratio(step, {s: timing(r, "step_seconds_median")
-                                                  for s, r in done.items()})
+        extra["time_ratio"] = median_ratio(train, {s: finite(r.timing.train_seconds) for s, r in done.items()})
+        extra["step_ratio"] = median_ratio(step, {s: finite(r.timing.step_seconds_median) for s, r in done.items()})
     final_mean = mean_std(list(final.values()))
     return ColumnStats(
         seeds=_seed_count(runs, expected_seeds), seeds_complete=tuple(sorted(complete)),

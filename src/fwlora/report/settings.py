@@ -123,7 +123,7 @@ def protocol_settings(p: Protocol, cols: Columns) -> ProtocolSettings:
             varying[k] = {lb: [json.loads(x) for x in v] for lb, v in values.items()}
     own = {lb: table for lb, cs in configs.items() if (table := _own_settings(p, cols, lb, cs)) is not None}
     done = [r for r in p.runs if r.result]
-    adapter_alpha = {lb: sorted({(r.record.budget or {}).get("lora_alpha") for r in done if r.label == lb},
+    adapter_alpha = {lb: sorted({r.record.budget.lora_alpha for r in done if r.label == lb},
                                 key=str) for lb in configs}
     sources = [{k: (r.record.data or {}).get(k) for k in ("source", "train_examples", "eval_examples")}
                for r in done]
