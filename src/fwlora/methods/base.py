@@ -42,7 +42,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from fwlora.errors import UserError
+from fwlora.errors import MethodError, UserError
 from fwlora.records import RunRecord
 
 
@@ -193,6 +193,13 @@ class Method:
         self.run = run
         self.model: nn.Module | None = None
         self.data: DataPass | None = None
+
+    def data_pass(self) -> DataPass:
+        """The training batches a uses_data_pass method reads in build(); its one error where the loop set none."""
+        if self.data is None:
+            raise MethodError(f"{self.label or self.name} reads training batches when it builds its adapter: "
+                              "set method.data (a DataPass) before build()")
+        return self.data
 
     # ---- settings ----------------------------------------------------------------------------------
 

@@ -32,12 +32,9 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
 
 
-def weight_gradients(model: nn.Module, layers: dict[str, nn.Module], data: DataPass | None,
+def weight_gradients(model: nn.Module, layers: dict[str, nn.Module], data: DataPass,
                      batches: int) -> dict[str, torch.Tensor]:
     """{layer name: G (d_out, d_in)} averaged over the first `batches` batches of `data` (and over processes)."""
-    if data is None:
-        raise MethodError("this method reads training batches when it builds its adapter: set method.data "
-                          "(a DataPass) before build()")
     weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
     for name, w in weights.items():
         if not w.is_floating_point():

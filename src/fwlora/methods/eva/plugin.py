@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from fwlora.checks import is_int, is_real
-from fwlora.errors import MethodError, bad_setting
+from fwlora.errors import bad_setting
 from fwlora.methods.base import DataPass, with_help
 from fwlora.methods.peft_lora import PeftLoRA, lora_layers
 from fwlora.methods.registry import register
@@ -74,9 +74,7 @@ class EVA(PeftLoRA):
     def initialise(self, peft_model: nn.Module) -> None:
         from peft import initialize_lora_eva_weights
 
-        data = self.data
-        if data is None:
-            raise MethodError("EVA reads training batches when it builds: set method.data before build()")
+        data = self.data_pass()
         self.targets = list(lora_layers(peft_model))
         # every process reads the same batches: no gathering (the same SVD on every rank)
         initialize_lora_eva_weights(peft_model, dataloader=_Batches(data, self.settings.batches),

@@ -97,7 +97,7 @@ class GoRA(Method):
         self.scaling = self.lora_alpha / r
         peft_model = get_peft_model(model, lora_config(self.run, r, self.lora_alpha))
         layers = find_lora_layers(peft_model)
-        grads = weight_gradients(peft_model, layers, self.data, self.settings.batches)
+        grads = weight_gradients(peft_model, layers, self.data_pass(), self.settings.batches)
         self.dims = {n: (int(m.in_features), int(m.out_features)) for n, m in layers.items()}
         self.importances = {n: importance(base_weight(m), grads[n], self.settings.importance_reduce)
                             for n, m in layers.items()}

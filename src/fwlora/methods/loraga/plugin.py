@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fwlora.checks import is_int
-from fwlora.errors import MethodError, bad_setting
+from fwlora.errors import bad_setting
 from fwlora.methods.base import with_help
 from fwlora.methods.peft_lora import ResidualInit
 from fwlora.methods.registry import register
@@ -65,9 +65,7 @@ class LoraGA(ResidualInit):
     def prepare(self, model: nn.Module, config: Any) -> None:
         from peft import preprocess_loraga
 
-        data = self.data
-        if data is None:
-            raise MethodError("LoRA-GA reads training batches when it builds: set method.data before build()")
+        data = self.data_pass()
 
         def train_step() -> None:  # PEFT accumulates the target weights' gradients over these backward passes
             for batch in data.batches(self.settings.batches):

@@ -59,7 +59,7 @@ class LoRAOne(Method):
 
         self.lora_alpha = self.run.lora_alpha or 2.0 * self.run.rank  # LoRA's default: s = alpha / r = 2
         peft_model = get_peft_model(model, lora_config(self.run, self.run.rank, self.lora_alpha))
-        self.captured = spectral_start(peft_model, self.data, self.settings, self.run.rank)
+        self.captured = spectral_start(peft_model, self.data_pass(), self.settings, self.run.rank)
         return peft_model
 
     def attach(self, model: nn.Module) -> None:

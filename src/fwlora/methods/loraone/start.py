@@ -32,7 +32,7 @@ class SpectralStartSettings:
             raise bad_setting(self, "gamma", "must be a finite number > 0")
 
 
-def spectral_start(peft_model: nn.Module, data: DataPass | None, settings: SpectralStartSettings,
+def spectral_start(peft_model: nn.Module, data: DataPass, settings: SpectralStartSettings,
                    rank: int) -> dict[str, float]:
     """Start every LoRA layer of the model from the stable split of its gradient's top-`rank` SVD; returns
     each layer's captured share of ||G||_F^2."""

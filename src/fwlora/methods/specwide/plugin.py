@@ -51,7 +51,7 @@ class SpectralWideCut(WideCutLoRA):
 
     def build(self, model: nn.Module) -> nn.Module:
         peft_model = super().build(model)  # LoRA at the width, PEFT's initialisation
-        self.captured = spectral_start(peft_model, self.data, self.settings, self.width)
+        self.captured = spectral_start(peft_model, self.data_pass(), self.settings, self.width)
         return peft_model
 
     def summary(self) -> dict[str, Any]:
