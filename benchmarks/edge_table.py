@@ -27,7 +27,8 @@ reproduces the committed runs.
 Times from different sessions' machines are not comparable (MiniLM's SST-2 step took 0.38 s in one session,
 0.48 s in another): a time ratio is taken only between two runs whose benches are named in one `--session DIR,DIR`
 (benches run one after another, alone, on one machine). Without --session each bench directory is its own
-session.
+session. Within a session, a pair is two runs of one machine boot (env.boot_id): a bench resumed on another
+machine pairs only the runs each machine made.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _join(cell: dict, task: str, label: str, seed: int, run) -> None:
 
 def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = None) -> dict:
     """{task: {column: {seed: record}}}, joined over the benches and summaries (refusing a column that differs).
-    `timings`, when given, is filled with {(task, column, seed): {bench dir: train seconds}}: every timed copy."""
+    `timings`, when given, is filled with {(task, column, seed): {(bench dir, boot id): train seconds}}: every
+    timed copy, with the machine boot that ran it (None where the record does not say)."""
     out: dict[str, dict[str, dict[int, object]]] = defaultdict(lambda: defaultdict(dict))
     for directory in dirs:
         for protocol in discover([directory]):
@@ -83,7 +85,8 @@ def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = 
                     _join(out[run.task][run.label], run.task, run.label, run.seed, run.result)
                     if timings is not None and run.result.train_seconds is not None:
                         key = (run.task, run.label, run.seed)
-                        timings.setdefault(key, {})[directory.resolve()] = run.result.train_seconds
+                        timings.setdefault(key, {})[(directory.resolve(), run.result.boot_id)] = \
+                            run.result.train_seconds
     for spec in summaries:
         path, _, names = spec.partition(":")
         rename = dict(pair.split("=", 1) for pair in names.split(",") if pair)
@@ -103,13 +106,15 @@ def share(record) -> dict[str, float]:
 
 
 def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: list[set[Path]]) -> list[float]:
-    """Per seed, this column's training time over the reference's, from runs of one session only."""
+    """Per seed, this column's training time over the reference's, from runs of one session and one machine
+    boot only (a bench resumed on another machine pairs only the runs each machine made)."""
     ratios = []
     for (t, lab, seed), mine in timings.items():
         if t != task or lab != label:
             continue
         ref = timings.get((task, reference, seed), {})
-        pairs = [mine[a] / ref[b] for a in mine for b in ref if any(a in s and b in s for s in sessions)]
+        pairs = [mine[a] / ref[b] for a in mine for b in ref
+                 if any(a[0] in s and b[0] in s for s in sessions) and (None in (a[1], b[1]) or a[1] == b[1])]
         if pairs:
             ratios.append(statistics.median(pairs))
     return ratios

@@ -182,7 +182,8 @@ LLAMA_KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 def write_run2(root: Path, task: str, budget: str, method: str, seed: int, values: list[float], *, label: str | None = None,
                metric: str = "accuracy", higher: bool = True, train: float = 100.0, step: float = 0.1,
                majority: dict | None = None, params: tuple | None = None, timing: dict | None = None,
-               matrices: list | None = None, method_info: dict | None = None, **own) -> Path:
+               matrices: list | None = None, method_info: dict | None = None, boot_id: str | None = None,
+               **own) -> Path:
     """A schema-2 run directory written by fwlora.records, with metric `values` per epoch."""
     run = root / task / budget / (label or method) / f"seed{seed}"
     rank = int(budget[1:])
@@ -202,7 +203,7 @@ def write_run2(root: Path, task: str, budget: str, method: str, seed: int, value
                        timing={"train_seconds": train, "step_seconds_median": step, **(timing or {})},
                        matrices=matrices or [], data={"source": "synthetic", "train_examples": 100, "eval_examples": 50,
                                                       "majority": majority},
-                       env={"command": "fwlora train ..."})
+                       env={"command": "fwlora train ...", "boot_id": boot_id})
     write_config(run, cfg, {})
     write_result(run, record)
     return run

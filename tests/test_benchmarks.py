@@ -197,18 +197,23 @@ def test_the_committed_edge_table_rebuilds_from_its_records(tmp_path, monkeypatc
     assert (tmp_path / "edge.md").read_text(encoding="utf-8") == committed
 
 
-def test_edge_table_times_only_within_one_session(tmp_path):
-    """A time ratio pairs runs of one session only: MiniLM's SST-2 step took 0.38 s on one session's machine
-    and 0.48 s on another's, so a ratio across sessions measures the machines."""
+def test_edge_table_times_only_within_one_session_and_one_machine(tmp_path):
+    """A time ratio pairs runs of one session and one machine boot only: MiniLM's SST-2 step took 0.38 s on one
+    session's machine and 0.48 s on another's, so a ratio across sessions measures the machines; a bench resumed
+    on another machine holds runs of two boots in one directory."""
     edge = load_script("edge_table")
     a, b, c = (tmp_path / n for n in "abc")
-    timings = {("cola", "lora", 0): {a: 100.0, c: 200.0}, ("cola", "wide", 0): {b: 106.0},
-               ("cola", "lora", 1): {a: 100.0}, ("cola", "wide", 1): {c: 300.0}}
+    timings = {("cola", "lora", 0): {(a, None): 100.0, (c, None): 200.0}, ("cola", "wide", 0): {(b, None): 106.0},
+               ("cola", "lora", 1): {(a, None): 100.0}, ("cola", "wide", 1): {(c, None): 300.0}}
     assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b}, {c}]) == [pytest.approx(1.06)]
     # seed 1's pair is from two sessions: left out; with all three as one session both seeds count (seed 0:
     # the median of 106/100 and 106/200)
     assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b, c}]) == [pytest.approx(0.795), pytest.approx(3.0)]
     assert edge.time_ratios("cola", "lora", "lora", timings, [{a}, {b}, {c}]) == [1.0, 1.0]
+    # one directory, two machines: seed 0 ran on boot x, seed 1's LoRA on x and its wide column on y
+    one = {("cola", "lora", 0): {(a, "x"): 100.0}, ("cola", "wide", 0): {(a, "x"): 103.0},
+           ("cola", "lora", 1): {(a, "x"): 100.0}, ("cola", "wide", 1): {(a, "y"): 80.0}}
+    assert edge.time_ratios("cola", "wide", "lora", one, [{a}]) == [pytest.approx(1.03)]
 
 
 def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_best_peft_column(tmp_path):

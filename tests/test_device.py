@@ -119,6 +119,8 @@ def test_step_times_are_read_at_logging_points_and_the_record_names_the_device(t
     assert (env["device"], env["dtype"], env["mixed_precision"]) == ("cpu", "float32", "no")
     assert env["tf32"] is None and env["fused_adamw"] is False and env["pin_memory"] is False
     assert "cuda_version" in env and env["cuda_version"] == torch.version.cuda
+    boot = Path("/proc/sys/kernel/random/boot_id")  # the machine's boot: time ratios pair within one only
+    assert env["boot_id"] == (boot.read_text().strip() if boot.is_file() else None)
     on_disk = json.loads((tmp_path / "run" / "config.json").read_text())["env"]
     assert on_disk["device"] == "cpu" and on_disk["fused_adamw"] is False
 

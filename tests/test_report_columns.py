@@ -257,3 +257,16 @@ def test_report_package_needs_neither_cli_nor_training():
     code = ("import sys, fwlora.report; bad = [m for m in sys.modules if m.startswith(('fwlora.cli', 'fwlora.train')) "
             "or m == 'matplotlib']; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_time_ratio_pairs_runs_of_one_machine_only(tmp_path: Path):
+    """A bench resumed in another session on another machine: seed 1's column ran on boot y, LoRA's on x; that
+    pair measures the machines and is left out (a record without a boot id pairs with any, as before)."""
+    root = tmp_path / "machines"
+    for seed, (boot, seconds) in enumerate([("x", 110.0), ("y", 50.0), (None, 120.0)]):
+        write_run2(root, "sst2", "r2", "lora", seed, [0.5], train=100.0, boot_id="x")
+        write_run2(root, "sst2", "r2", "fwlora", seed, [0.5], train=seconds, boot_id=boot)
+    (p,) = report.discover([root])
+    (c,) = report.summarise_protocol(p).cells
+    ratio = c.columns["fwlora"].time_ratio
+    assert ratio.n == 2 and ratio.median == pytest.approx(1.15)

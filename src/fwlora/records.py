@@ -216,6 +216,16 @@ class RunRecord:
         """The seconds of a method's timed initialisation (a data pass, SVDs) inside train_seconds; None: none."""
         return self.timing.init_seconds
 
+    @property
+    def boot_id(self) -> str | None:
+        """The machine boot that ran it (env.boot_id; None where not recorded): times compare within one only."""
+        value = (self.env or {}).get("boot_id")
+        return value if isinstance(value, str) and value else None
+
+    def same_machine(self, other: "RunRecord") -> bool:
+        """Whether two runs' times may be compared: one boot of one machine, or a record that does not say."""
+        return self.boot_id is None or other.boot_id is None or self.boot_id == other.boot_id
+
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""
         return {m["name"]: m for m in self.matrices or [] if m.get("name")}

@@ -45,12 +45,19 @@ def environment(device: torch.device | None = None, cfg: TrainConfig | None = No
         except (OSError, subprocess.SubprocessError):
             return None
 
+    def boot_id() -> str | None:  # which boot of which machine ran it: time ratios pair runs of one boot only
+        try:
+            return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+        except OSError:
+            return None
+
     status = git("status", "--porcelain", "--untracked-files=no")
     cuda = torch.cuda.is_available()
     on_cuda = device is not None and device.type == "cuda"
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "boot_id": boot_id(),
         "packages": {p: version(p) for p in (PROGRAM, "torch", "transformers", "peft", "accelerate", "datasets")},
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),

@@ -218,8 +218,11 @@ def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], referen
             values = [finite(getattr(r.timing, key)) for r in records]
             if any(v is not None for v in values):
                 extra[key] = mean_std(values)
-    if reference is not None:
+    if reference is not None:  # per seed, against the reference's run on the same machine (a bench resumed
+        # in another session on another machine pairs only the runs each machine made)
         done = complete_records(reference)
+        train = {s: t for s, t in train.items() if s not in done or complete[s].same_machine(done[s])}
+        step = {s: t for s, t in step.items() if s in train}
         extra["time_ratio"] = median_ratio(train, {s: finite(r.timing.train_seconds) for s, r in done.items()})
         extra["step_ratio"] = median_ratio(step, {s: finite(r.timing.step_seconds_median) for s, r in done.items()})
     final_mean = mean_std(list(final.values()))
