@@ -235,14 +235,14 @@ def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_bes
     data = {t: {label: {s: run(label, 0.5 + 0.01 * s + off[i]) for s in range(5)} for label, off in offsets.items()}
             for i, t in enumerate(tasks)}
     session = tmp_path / "bench"
-    timings = {(t, label, s): {session: 100.0 + (0.4 if label == "specwide" else 0.0)}
+    timings = {(t, label, s): {(session, None): 100.0 + (0.4 if label == "specwide" else 0.0)}
                for t in tasks for label in offsets for s in range(5)}
     text = "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None, timings, [{session}]))
     assert "| dora (best PEFT column) | +0.018 [+0.018, +0.018] | +0.018 [+0.018, +0.018] | -0.022 [" in text
     assert "| adalora | +0.020 [" in text and text.count("| 2 of 3 | yes |") == 2
     assert "| specwide | 0.537 ± 0.016 (5) | 1.00x |" in text  # 0.5 + mean(0.01 s) 0.02 + 0.05 / 3
     assert "Time: 1.00x lora's (limit 1.01x)" in text and "**Goal met**" in text  # specwide's own claim: 1.01x
-    slow = {k: {session: v[session] * (1.02 if k[1] == "specwide" else 1.0)} for k, v in timings.items()}
+    slow = {k: {(session, None): v[(session, None)] * (1.02 if k[1] == "specwide" else 1.0)} for k, v in timings.items()}
     assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None,
                                                              slow, [{session}]))
     assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 3, None,
@@ -270,10 +270,12 @@ def test_an_initialisation_s_share_of_the_time_gets_a_column_only_where_one_ran(
     """eva's pass took 6 s of 120 and 9 s of 150 (5 % and 6 %: median 5.5 %); lora has none."""
     from types import SimpleNamespace
 
+    from fwlora.records import RunBudget
+
     edge = load_script("edge_table")
 
     def run(v, init=None, seconds=100.0):
-        return SimpleNamespace(metric_value=lambda which: v, budget={}, matrices=None, init_seconds=init,
+        return SimpleNamespace(metric_value=lambda which: v, budget=RunBudget(), matrices=None, init_seconds=init,
                                train_seconds=seconds)
 
     columns = {"lora": {0: run(0.5), 1: run(0.6)}, "eva": {0: run(0.5, 6.0, 120.0), 1: run(0.6, 9.0, 150.0)}}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwlora.checks import is_real
+from fwlora.checks import is_finite_real, is_real
 from fwlora.files import is_main_process, read_json, write_json
 
 SCHEMA_VERSION = 2
@@ -58,6 +58,11 @@ def _number(value: Any) -> float | None:
     return float(value) if is_real(value) else None
 
 
+def _count(value: Any) -> int | None:
+    """A whole number as int; None for anything else (a fraction, NaN or inf from another writer, a string)."""
+    return int(value) if is_finite_real(value) and float(value).is_integer() else None
+
+
 @dataclass
 class RunTiming:
     """result.json's `timing`: the run's clocks (synchronised device clocks per step, after an untimed warm-up
@@ -74,21 +79,22 @@ class RunTiming:
     after_warmup_step_seconds_median: float | None = None
     warmup_seconds: float | None = None
     peak_memory: dict[str, Any] | None = None  # device.PeakMemory's reading: kind, bytes, since
-    resumes: int = 0  # a resumed run's times include a restart's costs: compare with care
+    resumes: int | None = None  # a resumed run's times include a restart's costs: compare with care
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, data: Any) -> "RunTiming":
-        values = {LEGACY_TIMING.get(k, k): v for k, v in (data or {}).items()} if isinstance(data, dict) else {}
+        values = dict(data) if isinstance(data, dict) else {}
+        for old, new in LEGACY_TIMING.items():  # schema 2's name wins where a file holds both
+            if values.get(new) is None and old in values:
+                values[new] = values[old]
         numbers = {f.name: _number(values.get(f.name)) for f in dataclasses.fields(cls)
                    if f.name not in ("peak_memory", "resumes", "optimizer_steps")}
-        steps, resumes = values.get("optimizer_steps"), values.get("resumes")
         memory = values.get("peak_memory")
-        return cls(**numbers, optimizer_steps=int(steps) if is_real(steps) else None,
-                   resumes=int(resumes) if is_real(resumes) else 0,
-                   peak_memory=memory if isinstance(memory, dict) else None)
+        return cls(**numbers, optimizer_steps=_count(values.get("optimizer_steps")),
+                   resumes=_count(values.get("resumes")), peak_memory=memory if isinstance(memory, dict) else None)
 
 
 @dataclass
@@ -128,7 +134,7 @@ class RunBudget:
             elif f.name in ("percent", "requested_percent", "trained_adapter_params_mean", "lora_alpha"):
                 out[f.name] = _number(v)
             else:
-                out[f.name] = int(v) if is_real(v) else None
+                out[f.name] = _count(v)
         return cls(**out)
 
 

@@ -246,7 +246,10 @@ def budget_summary(trainer: Trainer) -> RunBudget:
     ends = [start for start, _ in stretches[1:]] + [total]
     weighted = sum((min(end, total) - start) * count for (start, count), end in zip(stretches, ends))
     trainable = sum(p.numel() for p in trainer.params)
-    return RunBudget(**run.budget.to_dict(), trainable_params=trainable, adapter_trainable_params=trainable - head,
+    given = run.budget
+    return RunBudget(rank=given.rank, adapter_params=given.adapter_params, backbone_params=given.backbone_params,
+                     head_params=head, percent=given.percent, requested_percent=given.requested_percent,
+                     trainable_params=trainable, adapter_trainable_params=trainable - head,
                      trained_adapter_params_initial=stretches[0][1] - head,
                      trained_adapter_params_final=stretches[-1][1] - head,
                      trained_adapter_params_mean=weighted / total - head, head=run.head,
