@@ -316,3 +316,38 @@ def test_seed_table_puts_the_bench_beside_the_seed_s_expected_numbers(tmp_path):
     with pytest.raises(SystemExit) as stop:
         seed_table.main([str(tmp_path / "nowhere")])
     assert stop.value.code == 2
+
+
+def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
+    """benchmarks/commit_records.sh: a finished run is copied into the results directory and committed alone,
+    its message naming the run and its score; a run in progress (config.json only) is not; a second pass over
+    the same records commits nothing."""
+    import os
+    import shutil
+    import subprocess
+
+    from report_runs import write_run2
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    runs = repo / "runs"
+    write_run2(runs, "sst2", "r2", "lora", 0, [0.5, 0.75], train=42.0)
+    (runs / "sst2" / "r2" / "lora" / "seed1").mkdir(parents=True)
+    (runs / "sst2" / "r2" / "lora" / "seed1" / "config.json").write_text("{}")
+    env = {**os.environ, "PYTHON": sys.executable, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "start")
+    script = str(REPO / "benchmarks" / "commit_records.sh")
+    for _ in range(2):  # 0 seconds: one pass, then exit
+        done = subprocess.run([script, "runs", "results/records", "results/x", "0"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    log = git("log", "--format=%s").splitlines()
+    assert log == ["results/x: sst2, lora, rank 2, seed 0, lr 0.0002: accuracy 0.750, 42 s of training (complete)",
+                   "start"]
+    assert sorted(p.name for p in (repo / "results" / "records" / "sst2" / "r2" / "lora" / "seed0").iterdir()) == [
+        "config.json", "result.json"]
+    assert not (repo / "results" / "records" / "sst2" / "r2" / "lora" / "seed1").exists()
