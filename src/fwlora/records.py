@@ -127,7 +127,7 @@ class RunBudget:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             v = values.get(f.name)
-            if f.name in ("head",):
+            if f.name == "head":
                 out[f.name] = v if isinstance(v, str) else None
             elif f.name == "targets":
                 out[f.name] = [str(t) for t in v] if isinstance(v, list) else None
