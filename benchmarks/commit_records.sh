@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Commit each run of a long bench as it finishes, so that a session or machine that ends loses at most the run
-# in progress:   benchmarks/commit_records.sh RUNS_DIR RESULTS_RECORDS_DIR "commit message prefix" [SECONDS]
-# Every SECONDS (default 60; 0: once, then exit) it copies each finished run's config.json and result.json (and the bench's
-# bench.json) from RUNS_DIR to the same place under RESULTS_RECORDS_DIR, and commits that directory alone, one
-# commit per run, its message naming the run and its score. Copied back into a bench directory
+# Commit each run of a long bench as it ends, so that a session or machine that ends loses at most the run in
+# progress:   benchmarks/commit_records.sh RUNS_DIR RESULTS_RECORDS_DIR "commit message prefix" [SECONDS]
+# Every SECONDS (default 60; 0: one pass, then exit) it copies each ended run's config.json and result.json
+# (complete, or failed / interrupted: the record says which) and the bench's bench.json from RUNS_DIR to the same
+# place under RESULTS_RECORDS_DIR, and commits those files alone, one commit per run, its message naming the run
+# and its score. A run is done when git holds its result.json as it is in RUNS_DIR; a commit that failed is tried
+# again on the next pass (and makes a one-pass call exit 1). Copied back into a bench directory
 # (fwlora.records.copy_records), the committed records let `fwlora bench` skip those runs on another machine.
-# Run it from the repository whose results/ it fills; it reads records with that checkout's fwlora.
-set -uo pipefail
-runs=$1; dest=$2; prefix=$3; every=${4:-60}
+# Run it from the repository whose results/ it fills; it reads records with $PYTHON (default .venv/bin/python).
+set -u
+runs=${1:?usage: commit_records.sh RUNS_DIR RESULTS_RECORDS_DIR PREFIX [SECONDS]}
+dest=${2:?usage: commit_records.sh RUNS_DIR RESULTS_RECORDS_DIR PREFIX [SECONDS]}
+prefix=${3:?usage: commit_records.sh RUNS_DIR RESULTS_RECORDS_DIR PREFIX [SECONDS]}
+every=${4:-60}
 python=${PYTHON:-.venv/bin/python}
-while true; do
-  while IFS= read -r result; do
-    run=$(dirname "$result"); rel=${run#"$runs"/}
-    if [ -f "$dest/$rel/result.json" ] && cmp -s "$result" "$dest/$rel/result.json"; then continue; fi
-    mkdir -p "$dest/$rel"
-    cp "$run/config.json" "$dest/$rel/" 2>/dev/null || true
-    cp "$result" "$dest/$rel/result.json"
-    cp "$runs/bench.json" "$dest/bench.json" 2>/dev/null || true
-    message=$(HF_HUB_OFFLINE=1 "$python" - "$run" <<'PY' 2>/dev/null || echo "$rel"
+runs=${runs%/}; dest=${dest%/}
+[[ "$every" =~ ^[0-9]+$ ]] || { echo "commit_records.sh: SECONDS must be a whole number, got '$every'" >&2; exit 2; }
+[ -d "$runs" ] || { echo "commit_records.sh: no directory $runs" >&2; exit 2; }
+
+message() {  # one line for the run's commit, from the copy being committed
+  HF_HUB_OFFLINE=1 "$python" - "$1" <<'PY' 2>/dev/null
 import sys
 from fwlora.records import read_result
 r = read_result(sys.argv[1])
@@ -26,13 +28,29 @@ print(f"{r.task}, {r.method}, rank {r.config.get('rank')}, seed {r.seed}, lr {r.
       f"{r.metric} {'n/a' if value is None else f'{value:.3f}'}, "
       f"{'n/a' if seconds is None else f'{seconds:.0f}'} s of training ({r.status})")
 PY
-)
+}
+
+while true; do
+  failed=0
+  while IFS= read -r -d '' rel_result; do
+    rel=$(dirname "$rel_result"); run="$runs/$rel"; target="$dest/$rel"
+    if cmp -s "$run/result.json" "$target/result.json" && git ls-files --error-unmatch "$target/result.json" \
+        >/dev/null 2>&1 && git diff --quiet HEAD -- "$target"; then
+      continue  # committed as it is
+    fi
+    mkdir -p "$target" && cp "$run/result.json" "$target/result.json" || { failed=1; continue; }
+    files=("$target/result.json")
+    if [ -f "$run/config.json" ]; then cp "$run/config.json" "$target/" && files+=("$target/config.json"); fi
+    if [ -f "$runs/bench.json" ]; then cp "$runs/bench.json" "$dest/" && files+=("$dest/bench.json"); fi
+    text=$(message "$target") || text=$rel
+    committed=0
     for _ in 1 2 3 4 5; do  # another git command may hold the index for a moment
-      git add -- "$dest" && git commit -q -m "$prefix: $message" -- "$dest" && break
+      if git add -- "${files[@]}" && git commit -q -m "$prefix: $text" -- "${files[@]}"; then committed=1; break; fi
       sleep 5
     done
-    echo "$(date +%H:%M) committed $rel: $message"
-  done < <(find "$runs" -name result.json 2>/dev/null | sort)
-  [ "$every" = 0 ] && exit 0
+    if [ $committed = 1 ]; then echo "$(date +%H:%M) committed $rel: $text"
+    else echo "$(date +%H:%M) NOT committed $rel (tried 5 times; again next pass)" >&2; failed=1; fi
+  done < <(find -H "$runs" -name result.json -printf '%P\0' | sort -z)
+  if [ "$every" = 0 ]; then exit $failed; fi
   sleep "$every"
 done

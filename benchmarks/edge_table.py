@@ -27,8 +27,8 @@ reproduces the committed runs.
 Times from different sessions' machines are not comparable (MiniLM's SST-2 step took 0.38 s in one session,
 0.48 s in another): a time ratio is taken only between two runs whose benches are named in one `--session DIR,DIR`
 (benches run one after another, alone, on one machine). Without --session each bench directory is its own
-session. Within a session, a pair is two runs of one machine boot (env.boot_id): a bench resumed on another
-machine pairs only the runs each machine made.
+session. Within a session, a pair is two runs timed whole on one machine boot (timing.boot_ids): a bench resumed
+on another machine pairs only the runs each machine made, and a run resumed on another machine pairs with none.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def _join(cell: dict, task: str, label: str, seed: int, run) -> None:
 
 def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = None) -> dict:
     """{task: {column: {seed: record}}}, joined over the benches and summaries (refusing a column that differs).
-    `timings`, when given, is filled with {(task, column, seed): {(bench dir, boot id): train seconds}}: every
-    timed copy, with the machine boot that ran it (None where the record does not say)."""
+    `timings`, when given, is filled with {(task, column, seed): {(bench dir, boot ids): train seconds}}: every
+    timed copy, with the machine boots that timed it (() where the record does not say)."""
     out: dict[str, dict[str, dict[int, object]]] = defaultdict(lambda: defaultdict(dict))
     for directory in dirs:
         for protocol in discover([directory]):
@@ -85,7 +85,7 @@ def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = 
                     _join(out[run.task][run.label], run.task, run.label, run.seed, run.result)
                     if timings is not None and run.result.train_seconds is not None:
                         key = (run.task, run.label, run.seed)
-                        timings.setdefault(key, {})[(directory.resolve(), run.result.boot_id)] = \
+                        timings.setdefault(key, {})[(directory.resolve(), tuple(run.result.machines))] = \
                             run.result.train_seconds
     for spec in summaries:
         path, _, names = spec.partition(":")
@@ -105,6 +105,11 @@ def share(record) -> dict[str, float]:
     return analysis.share_by_kind(norms)
 
 
+def same_machine(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Two runs each timed whole on one machine boot, the same one (a record that does not say pairs with any)."""
+    return len(a) <= 1 and len(b) <= 1 and (not a or not b or a == b)
+
+
 def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: list[set[Path]]) -> list[float]:
     """Per seed, this column's training time over the reference's, from runs of one session and one machine
     boot only (a bench resumed on another machine pairs only the runs each machine made)."""
@@ -114,7 +119,7 @@ def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: 
             continue
         ref = timings.get((task, reference, seed), {})
         pairs = [mine[a] / ref[b] for a in mine for b in ref
-                 if any(a[0] in s and b[0] in s for s in sessions) and (None in (a[1], b[1]) or a[1] == b[1])]
+                 if any(a[0] in s and b[0] in s for s in sessions) and same_machine(a[1], b[1])]
         if pairs:
             ratios.append(statistics.median(pairs))
     return ratios

@@ -203,16 +203,18 @@ def test_edge_table_times_only_within_one_session_and_one_machine(tmp_path):
     on another machine holds runs of two boots in one directory."""
     edge = load_script("edge_table")
     a, b, c = (tmp_path / n for n in "abc")
-    timings = {("cola", "lora", 0): {(a, None): 100.0, (c, None): 200.0}, ("cola", "wide", 0): {(b, None): 106.0},
-               ("cola", "lora", 1): {(a, None): 100.0}, ("cola", "wide", 1): {(c, None): 300.0}}
+    timings = {("cola", "lora", 0): {(a, ()): 100.0, (c, ()): 200.0}, ("cola", "wide", 0): {(b, ()): 106.0},
+               ("cola", "lora", 1): {(a, ()): 100.0}, ("cola", "wide", 1): {(c, ()): 300.0}}
     assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b}, {c}]) == [pytest.approx(1.06)]
     # seed 1's pair is from two sessions: left out; with all three as one session both seeds count (seed 0:
     # the median of 106/100 and 106/200)
     assert edge.time_ratios("cola", "wide", "lora", timings, [{a, b, c}]) == [pytest.approx(0.795), pytest.approx(3.0)]
     assert edge.time_ratios("cola", "lora", "lora", timings, [{a}, {b}, {c}]) == [1.0, 1.0]
-    # one directory, two machines: seed 0 ran on boot x, seed 1's LoRA on x and its wide column on y
-    one = {("cola", "lora", 0): {(a, "x"): 100.0}, ("cola", "wide", 0): {(a, "x"): 103.0},
-           ("cola", "lora", 1): {(a, "x"): 100.0}, ("cola", "wide", 1): {(a, "y"): 80.0}}
+    # one directory, two machines: seed 0 ran on boot x, seed 1's LoRA on x and its wide column on y; seed 2's
+    # wide run started on x and was resumed on y (its seconds from both): no pair
+    one = {("cola", "lora", 0): {(a, ("x",)): 100.0}, ("cola", "wide", 0): {(a, ("x",)): 103.0},
+           ("cola", "lora", 1): {(a, ("x",)): 100.0}, ("cola", "wide", 1): {(a, ("y",)): 80.0},
+           ("cola", "lora", 2): {(a, ("x",)): 100.0}, ("cola", "wide", 2): {(a, ("x", "y")): 90.0}}
     assert edge.time_ratios("cola", "wide", "lora", one, [{a}]) == [pytest.approx(1.03)]
 
 
@@ -235,14 +237,14 @@ def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_bes
     data = {t: {label: {s: run(label, 0.5 + 0.01 * s + off[i]) for s in range(5)} for label, off in offsets.items()}
             for i, t in enumerate(tasks)}
     session = tmp_path / "bench"
-    timings = {(t, label, s): {(session, None): 100.0 + (0.4 if label == "specwide" else 0.0)}
+    timings = {(t, label, s): {(session, ()): 100.0 + (0.4 if label == "specwide" else 0.0)}
                for t in tasks for label in offsets for s in range(5)}
     text = "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None, timings, [{session}]))
     assert "| dora (best PEFT column) | +0.018 [+0.018, +0.018] | +0.018 [+0.018, +0.018] | -0.022 [" in text
     assert "| adalora | +0.020 [" in text and text.count("| 2 of 3 | yes |") == 2
     assert "| specwide | 0.537 ± 0.016 (5) | 1.00x |" in text  # 0.5 + mean(0.01 s) 0.02 + 0.05 / 3
     assert "Time: 1.00x lora's (limit 1.01x)" in text and "**Goal met**" in text  # specwide's own claim: 1.01x
-    slow = {k: {(session, None): v[(session, None)] * (1.02 if k[1] == "specwide" else 1.0)} for k, v in timings.items()}
+    slow = {k: {(session, ()): v[(session, ())] * (1.02 if k[1] == "specwide" else 1.0)} for k, v in timings.items()}
     assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 2, None,
                                                              slow, [{session}]))
     assert "**Goal not met**" in "\n".join(edge.goal_section(data, "specwide", tasks, "lora", "adalora", 3, None,
@@ -319,9 +321,9 @@ def test_seed_table_puts_the_bench_beside_the_seed_s_expected_numbers(tmp_path):
 
 
 def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
-    """benchmarks/commit_records.sh: a finished run is copied into the results directory and committed alone,
-    its message naming the run and its score; a run in progress (config.json only) is not; a second pass over
-    the same records commits nothing."""
+    """benchmarks/commit_records.sh: a finished run is copied into the results directory and committed alone
+    (a file staged by someone else stays staged, outside the commit), its message naming the run and its score;
+    a run in progress (config.json only) is not; a second pass commits nothing; a missing directory is refused."""
     import os
     import shutil
     import subprocess
@@ -336,18 +338,28 @@ def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
     (runs / "sst2" / "r2" / "lora" / "seed1").mkdir(parents=True)
     (runs / "sst2" / "r2" / "lora" / "seed1" / "config.json").write_text("{}")
     env = {**os.environ, "PYTHON": sys.executable, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull,
+           "GIT_CONFIG_NOSYSTEM": "1"}
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
     git("init", "-q")
     git("commit", "-q", "--allow-empty", "-m", "start")
+    (repo / "notes.txt").write_text("mine")
+    git("add", "notes.txt")
     script = str(REPO / "benchmarks" / "commit_records.sh")
-    for _ in range(2):  # 0 seconds: one pass, then exit
-        done = subprocess.run([script, "runs", "results/records", "results/x", "0"], cwd=repo, env=env,
+    said = []
+    for _ in range(2):  # 0 seconds: one pass, then exit; the runs directory given with a trailing slash
+        done = subprocess.run([script, "runs/", "results/records", "results/x", "0"], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+        said.append(done.stdout)
+    assert "committed sst2/r2/lora/seed0: " in said[0] and said[1] == ""
     log = git("log", "--format=%s").splitlines()
     assert log == ["results/x: sst2, lora, rank 2, seed 0, lr 0.0002: accuracy 0.750, 42 s of training (complete)",
                    "start"]
-    assert sorted(p.name for p in (repo / "results" / "records" / "sst2" / "r2" / "lora" / "seed0").iterdir()) == [
-        "config.json", "result.json"]
+    assert git("show", "--name-only", "--format=", "HEAD").split() == [
+        "results/records/sst2/r2/lora/seed0/config.json", "results/records/sst2/r2/lora/seed0/result.json"]
+    assert git("diff", "--cached", "--name-only").split() == ["notes.txt"]
     assert not (repo / "results" / "records" / "sst2" / "r2" / "lora" / "seed1").exists()
+    missing = subprocess.run([script, "nowhere", "results/records", "results/x", "0"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip() == "commit_records.sh: no directory nowhere"

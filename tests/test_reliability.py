@@ -222,6 +222,12 @@ def test_sigterm_at_step_then_resume_equals_the_uninterrupted_run(tmp_path, tmp_
     resumes = [json.loads((run / "result.json").read_text())["timing"]["resumes"]
                for run in (out, reference(tmp_path_factory, cola, method))]
     assert resumes == [1, 0]  # the record says its time holds a restart
+    # resumed on the machine it started on: one boot, its times pair with the reference's
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boots = [json.loads((run / "result.json").read_text())["timing"].get("boot_ids")
+             for run in (out, reference(tmp_path_factory, cola, method))]
+    expected = [boot.read_text().strip()] if boot.is_file() else None
+    assert boots == [expected, expected]
 
 
 # ---- non-finite loss or gradient ---------------------------------------------------------------------

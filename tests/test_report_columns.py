@@ -260,13 +260,18 @@ def test_report_package_needs_neither_cli_nor_training():
 
 
 def test_a_time_ratio_pairs_runs_of_one_machine_only(tmp_path: Path):
-    """A bench resumed in another session on another machine: seed 1's column ran on boot y, LoRA's on x; that
-    pair measures the machines and is left out (a record without a boot id pairs with any, as before)."""
+    """A bench resumed in another session on another machine: seed 1's column ran on boot y, LoRA's on x; seed 3's
+    column started on x and was resumed on y (its seconds from both). Those pairs measure the machines and are
+    left out of the ratios (a record without a boot id pairs with any, as before); the column's own mean time
+    keeps every seed."""
     root = tmp_path / "machines"
-    for seed, (boot, seconds) in enumerate([("x", 110.0), ("y", 50.0), (None, 120.0)]):
+    for seed, (boot, seconds, timing) in enumerate([("x", 110.0, None), ("y", 50.0, None), (None, 120.0, None),
+                                                    ("y", 70.0, {"boot_ids": ["x", "y"], "resumes": 1})]):
         write_run2(root, "sst2", "r2", "lora", seed, [0.5], train=100.0, boot_id="x")
-        write_run2(root, "sst2", "r2", "fwlora", seed, [0.5], train=seconds, boot_id=boot)
+        write_run2(root, "sst2", "r2", "fwlora", seed, [0.5], train=seconds, boot_id=boot, timing=timing)
     (p,) = report.discover([root])
     (c,) = report.summarise_protocol(p).cells
-    ratio = c.columns["fwlora"].time_ratio
-    assert ratio.n == 2 and ratio.median == pytest.approx(1.15)
+    fw = c.columns["fwlora"]
+    assert fw.time_ratio.n == 2 and fw.time_ratio.median == pytest.approx(1.15)
+    assert fw.step_ratio.n == 2
+    assert fw.train_seconds.n == 4 and fw.train_seconds.mean == pytest.approx((110 + 50 + 120 + 70) / 4)

@@ -86,6 +86,7 @@ class TrainingProgress:
     param_counts: list[list[int]] = field(default_factory=list)
     has_extra_loss: bool = False  # the method has added an extra loss term (the records then show "penalty")
     resumes: int = 0  # times the run was stopped and resumed: its whole-run time is not one stretch's
+    boot_ids: list[str] = field(default_factory=list)  # the machine boot of each stretch it trained in
 
     # progress.json keys a checkpoint must hold; param_counts and has_extra_loss came later and are optional
     REQUIRED_KEYS = ("epoch", "batches_done_in_epoch", "global_step", "history", "train_seconds",
@@ -112,6 +113,11 @@ class TrainingProgress:
         if count != self.param_counts[-1][1]:
             self.param_counts.append([self.global_step + 1, count])
 
+    def note_machine(self, boot_id: str | None) -> None:
+        """The machine this stretch trains on (a resumed run's seconds may come from several)."""
+        if boot_id and boot_id not in self.boot_ids:
+            self.boot_ids.append(boot_id)
+
     def finish_epoch(self, entry: dict) -> None:
         self.history.append(entry)
         self.epoch += 1
@@ -125,7 +131,7 @@ class TrainingProgress:
                 "eval_seconds": self.eval_seconds, "step_seconds": self.step_seconds,
                 "loss_sum": float(self.epoch_losses.loss), "penalty_sum": float(self.epoch_losses.extra),
                 "has_extra_loss": self.has_extra_loss, "param_counts": self.param_counts,
-                "loss_count": self.epoch_losses.count, "resumes": self.resumes}
+                "loss_count": self.epoch_losses.count, "resumes": self.resumes, "boot_ids": self.boot_ids}
 
     def load_dict(self, values: dict[str, Any]) -> None:
         """Take the saved progress (its REQUIRED_KEYS checked first); the loss sums are refilled in place, on
@@ -137,6 +143,7 @@ class TrainingProgress:
         self.param_counts = values.get("param_counts", self.param_counts)
         self.has_extra_loss = values.get("has_extra_loss", False)
         self.resumes = values.get("resumes", 0) + 1  # loading a checkpoint is resuming from it
+        self.boot_ids = list(values.get("boot_ids", []))
         self.epoch_losses.loss.fill_(values["loss_sum"])
         self.epoch_losses.extra.fill_(values["penalty_sum"])
         self.epoch_losses.count = values["loss_count"]

@@ -80,6 +80,7 @@ class RunTiming:
     warmup_seconds: float | None = None
     peak_memory: dict[str, Any] | None = None  # device.PeakMemory's reading: kind, bytes, since
     resumes: int | None = None  # a resumed run's times include a restart's costs: compare with care
+    boot_ids: list[str] | None = None  # the machine boot of each stretch it trained in (a resume may move it)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -91,10 +92,11 @@ class RunTiming:
             if values.get(new) is None and old in values:
                 values[new] = values[old]
         numbers = {f.name: _number(values.get(f.name)) for f in dataclasses.fields(cls)
-                   if f.name not in ("peak_memory", "resumes", "optimizer_steps")}
-        memory = values.get("peak_memory")
+                   if f.name not in ("peak_memory", "resumes", "optimizer_steps", "boot_ids")}
+        memory, boots = values.get("peak_memory"), values.get("boot_ids")
         return cls(**numbers, optimizer_steps=_count(values.get("optimizer_steps")),
-                   resumes=_count(values.get("resumes")), peak_memory=memory if isinstance(memory, dict) else None)
+                   resumes=_count(values.get("resumes")), peak_memory=memory if isinstance(memory, dict) else None,
+                   boot_ids=[str(b) for b in boots] if isinstance(boots, list) else None)
 
 
 @dataclass
@@ -223,14 +225,26 @@ class RunRecord:
         return self.timing.init_seconds
 
     @property
-    def boot_id(self) -> str | None:
-        """The machine boot that ran it (env.boot_id; None where not recorded): times compare within one only."""
+    def machines(self) -> list[str]:
+        """The machine boots its timed stretches ran on (timing.boot_ids, else env.boot_id; [] where the record
+        does not say). More than one: a run resumed on another machine, its seconds from both."""
+        if self.timing.boot_ids:
+            return list(self.timing.boot_ids)
         value = (self.env or {}).get("boot_id")
-        return value if isinstance(value, str) and value else None
+        return [value] if isinstance(value, str) and value else []
+
+    @property
+    def boot_id(self) -> str | None:
+        """The one machine boot that timed the whole run; None where unknown or several."""
+        return self.machines[0] if len(self.machines) == 1 else None
 
     def same_machine(self, other: "RunRecord") -> bool:
-        """Whether two runs' times may be compared: one boot of one machine, or a record that does not say."""
-        return self.boot_id is None or other.boot_id is None or self.boot_id == other.boot_id
+        """Whether two runs' times may be compared: both timed whole on one boot of one machine (a record that
+        does not say pairs with any; a run resumed on another machine with none)."""
+        mine, theirs = self.machines, other.machines
+        if len(mine) > 1 or len(theirs) > 1:
+            return False
+        return not mine or not theirs or mine == theirs
 
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""

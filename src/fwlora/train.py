@@ -225,6 +225,7 @@ def timing_summary(trainer: Trainer, load_seconds: float) -> RunTiming:
         step_seconds_median=statistics.median(steps) if steps else None,
         peak_memory=trainer.memory.read(),
         resumes=progress.resumes,
+        boot_ids=list(progress.boot_ids) or None,
     )
     warmup = trainer.method.warmup_steps()  # a method with a warm-up: its steps timed apart
     if warmup is not None and steps:
@@ -306,6 +307,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     write_config(run_dir, cfg.to_dict(), env)
     if resuming:
         trainer.load_checkpoint()
+    trainer.progress.note_machine(env.get("boot_id"))
     load_seconds = time.perf_counter() - start
     if trainer.is_main:
         log_start(trainer)

@@ -221,10 +221,11 @@ def column_stats(runs: Mapping[int, Run], expected_seeds: Sequence[int], referen
     if reference is not None:  # per seed, against the reference's run on the same machine (a bench resumed
         # in another session on another machine pairs only the runs each machine made)
         done = complete_records(reference)
-        train = {s: t for s, t in train.items() if s not in done or complete[s].same_machine(done[s])}
-        step = {s: t for s, t in step.items() if s in train}
-        extra["time_ratio"] = median_ratio(train, {s: finite(r.timing.train_seconds) for s, r in done.items()})
-        extra["step_ratio"] = median_ratio(step, {s: finite(r.timing.step_seconds_median) for s, r in done.items()})
+        paired = [s for s in complete if s in done and complete[s].same_machine(done[s])]
+        extra["time_ratio"] = median_ratio({s: train[s] for s in paired},
+                                           {s: finite(done[s].timing.train_seconds) for s in paired})
+        extra["step_ratio"] = median_ratio({s: step[s] for s in paired},
+                                           {s: finite(done[s].timing.step_seconds_median) for s in paired})
     final_mean = mean_std(list(final.values()))
     return ColumnStats(
         seeds=_seed_count(runs, expected_seeds), seeds_complete=tuple(sorted(complete)),
