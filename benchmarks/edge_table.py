@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from fwlora import analysis, methods  # noqa: E402
-from fwlora.records import RunBudget, RunTiming, Status  # noqa: E402
+from fwlora.records import RunBudget, RunTiming, Status, same_machine  # noqa: E402
 from fwlora.report.load import discover  # noqa: E402
 from fwlora.report.stats import mean_std, paired_ci  # noqa: E402
 from fwlora.report.text import fmt, fmt_ci, fmt_count, fmt_mean_std, fmt_ratio, markdown_table  # noqa: E402
@@ -103,11 +103,6 @@ def collect(dirs: list[Path], summaries: list[str] = (), timings: dict | None = 
 def share(record) -> dict[str, float]:
     norms = {m["name"]: (m.get("fro_norm") or 0.0) ** 2 for m in record.matrices or []}
     return analysis.share_by_kind(norms)
-
-
-def same_machine(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """Two runs each timed whole on one machine boot, the same one (a record that does not say pairs with any)."""
-    return len(a) <= 1 and len(b) <= 1 and (not a or not b or a == b)
 
 
 def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: list[set[Path]]) -> list[float]:

@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,12 @@ class RunBudget:
         return cls(**out)
 
 
+def same_machine(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Two runs, given the machine boots each was timed on, each timed whole on one boot, the same one (a record
+    that does not say pairs with any; a run resumed on another machine with none)."""
+    return len(a) <= 1 and len(b) <= 1 and (not a or not b or list(a) == list(b))
+
+
 @dataclass
 class RunRecord:
     """result.json, typed. A complete run fills every field; an unfinished one the identity fields, the
@@ -239,12 +246,8 @@ class RunRecord:
         return self.machines[0] if len(self.machines) == 1 else None
 
     def same_machine(self, other: "RunRecord") -> bool:
-        """Whether two runs' times may be compared: both timed whole on one boot of one machine (a record that
-        does not say pairs with any; a run resumed on another machine with none)."""
-        mine, theirs = self.machines, other.machines
-        if len(mine) > 1 or len(theirs) > 1:
-            return False
-        return not mine or not theirs or mine == theirs
+        """Whether two runs' times may be compared (`same_machine`)."""
+        return same_machine(self.machines, other.machines)
 
     def matrices_by_name(self) -> dict[str, dict[str, Any]]:
         """The per-matrix rows by matrix name: two runs' rows are compared matrix by matrix."""
