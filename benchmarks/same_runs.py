@@ -3,7 +3,9 @@
 For a speed change that must not move a result (issue "The seed's own protocol", item 3: evaluation in length
 order with a larger batch, tokenisation once per task): every run present in both output directories, its
 evaluations compared epoch by epoch (headline metric and evaluation loss, exact equality), and its recorded
-train / evaluation / load seconds. Time the two `fwlora bench` calls themselves for the wall time.
+train / evaluation / load seconds. The time totals and their ratio sum only the runs both timed on one machine
+(`RunRecord.same_machine`); a run timed on two machines shows its seconds marked with *. Time the two
+`fwlora bench` calls themselves for the wall time.
 
     /usr/bin/time -f %e fwlora bench --preset quick --output-dir runs/quick-new --data-dir ../shared/glue --no-report
     python benchmarks/same_runs.py runs/quick-old runs/quick-new
@@ -58,16 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     totals = {key: [0.0, 0.0] for key in ("train_seconds", "eval_seconds", "load_seconds")}
     for run in shared:
         a, b = before[run], after[run]
+        paired = a.same_machine(b)
         cells = []
         for key, total in totals.items():
-            total[0] += seconds(a, key)
-            total[1] += seconds(b, key)
-            cells.append(f"{seconds(a, key):.1f} → {seconds(b, key):.1f}")
+            if paired:
+                total[0] += seconds(a, key)
+                total[1] += seconds(b, key)
+            cells.append(f"{seconds(a, key):.1f} → {seconds(b, key):.1f}" + ("" if paired else "*"))
         print(f"| {run} | {a.final[a.metric]:.4f} | {b.final[b.metric]:.4f} | {'yes' if identical(a, b) else 'NO'} | "
               + " | ".join(cells) + " |")
     cells = [f"{t[0]:.1f} → {t[1]:.1f} ({t[1] / t[0]:.2f}x)" if t[0] else "—" for t in totals.values()]
-    print(f"| all {len(shared)} runs | | | {sum(identical(before[r], after[r]) for r in shared)} of {len(shared)} | "
-          + " | ".join(cells) + " |")
+    timed = sum(before[r].same_machine(after[r]) for r in shared)
+    print(f"| all {len(shared)} runs (times: the {timed} timed on one machine) | | | "
+          f"{sum(identical(before[r], after[r]) for r in shared)} of {len(shared)} | " + " | ".join(cells) + " |")
+    if timed < len(shared):
+        print(f"\n* timed on two machines: left out of the time totals ({len(shared) - timed} runs)")
     return 0
 
 

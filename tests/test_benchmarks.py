@@ -218,6 +218,30 @@ def test_edge_table_times_only_within_one_session_and_one_machine(tmp_path):
     assert edge.time_ratios("cola", "wide", "lora", one, [{a}]) == [pytest.approx(1.03)]
 
 
+def test_same_runs_totals_time_only_over_runs_timed_on_one_machine(tmp_path, capsys):
+    """Two runs in both benches with the same evaluations: seed 0 timed on boot x both times (100 s -> 90 s),
+    seed 1 on x before and on y after (100 s -> 50 s, a faster machine). The total is 90 / 100 = 0.90x, not
+    140 / 200 = 0.70x; seed 1's seconds are shown, marked."""
+    from fwlora.records import RunRecord, RunTiming, Status, write_result
+
+    def write(bench, seed, seconds, boots):
+        run = tmp_path / bench / "cola" / f"seed{seed}"
+        run.mkdir(parents=True)
+        epoch = {"mcc": 0.25, "loss": 0.6}
+        write_result(run, RunRecord(status=Status.COMPLETE, task="cola", method="lora", seed=seed, config={},
+                                    metric="mcc", final=epoch, best=epoch, epochs=[epoch],
+                                    timing=RunTiming(train_seconds=seconds, eval_seconds=1.0, load_seconds=1.0,
+                                                     boot_ids=boots)))
+
+    write("before", 0, 100.0, ["x"]), write("after", 0, 90.0, ["x"])
+    write("before", 1, 100.0, ["x"]), write("after", 1, 50.0, ["y"])
+    assert load_script("same_runs").main([str(tmp_path / "before"), str(tmp_path / "after")]) == 0
+    out = capsys.readouterr().out
+    assert "| cola/seed1 | 0.2500 | 0.2500 | yes | 100.0 → 50.0* |" in out
+    assert "| all 2 runs (times: the 1 timed on one machine) | | | 2 of 2 | 100.0 → 90.0 (0.90x) |" in out
+    assert "left out of the time totals (1 runs)" in out
+
+
 def test_the_goal_verdict_wins_per_task_and_pooled_against_the_rival_and_the_best_peft_column(tmp_path):
     """Hand-made finals: specwide is lora + 0.03 on CoLA and SST-2 and lora − 0.01 on MRPC (5 seeds); adalora
     sits at lora + 0.01, dora (the PEFT column with the highest pooled mean; rslora's is lower, widecut's higher
