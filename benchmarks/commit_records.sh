@@ -17,6 +17,10 @@ python=${PYTHON:-.venv/bin/python}
 runs=${runs%/}; dest=${dest%/}
 [[ "$every" =~ ^[0-9]+$ ]] || { echo "commit_records.sh: SECONDS must be a whole number, got '$every'" >&2; exit 2; }
 [ -d "$runs" ] || { echo "commit_records.sh: no directory $runs" >&2; exit 2; }
+case "$(realpath -m "$dest")/" in "$(realpath "$runs")"/*)  # its copies would be found and copied again, deeper
+  echo "commit_records.sh: $dest is inside $runs" >&2; exit 2 ;; esac
+[ "$(git rev-parse --is-inside-work-tree 2>/dev/null)" = true ] || { echo "commit_records.sh: not inside a git work tree: $(pwd)" >&2; exit 2; }
+if git check-ignore -q -- "$dest/result.json"; then echo "commit_records.sh: git ignores $dest" >&2; exit 2; fi
 
 message() {  # one line for the run's commit, from the copy being committed
   HF_HUB_OFFLINE=1 "$python" - "$1" <<'PY' 2>/dev/null
@@ -48,6 +52,10 @@ while true; do
       if git add -- "${files[@]}" && git commit -q -m "$prefix: $text" -- "${files[@]}"; then committed=1; break; fi
       sleep 5
     done
+    if [ $committed = 0 ] && git ls-files --error-unmatch "$target/result.json" >/dev/null 2>&1 \
+        && git diff --quiet HEAD -- "${files[@]}"; then
+      echo "$(date +%H:%M) $rel: already committed as it is"; continue  # another commit took it meanwhile
+    fi
     if [ $committed = 1 ]; then echo "$(date +%H:%M) committed $rel: $text"
     else echo "$(date +%H:%M) NOT committed $rel (tried 5 times; again next pass)" >&2; failed=1; fi
   done < <(find -H "$runs" -name result.json -printf '%P\0' | sort -z)

@@ -4,7 +4,8 @@ For a speed change that must not move a result (issue "The seed's own protocol",
 order with a larger batch, tokenisation once per task): every run present in both output directories, its
 evaluations compared epoch by epoch (headline metric and evaluation loss, exact equality), and its recorded
 train / evaluation / load seconds. The time totals and their ratio sum only the runs both timed on one machine
-(`RunRecord.same_machine`); a run timed on two machines shows its seconds marked with *. Time the two
+(`RunRecord.same_machine`: one machine boot; a reboot between the benches counts as another machine, as it
+cannot be told from one); the others show their seconds marked with *. Time the two
 `fwlora bench` calls themselves for the wall time.
 
     /usr/bin/time -f %e fwlora bench --preset quick --output-dir runs/quick-new --data-dir ../shared/glue --no-report
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| all {len(shared)} runs (times: the {timed} timed on one machine) | | | "
           f"{sum(identical(before[r], after[r]) for r in shared)} of {len(shared)} | " + " | ".join(cells) + " |")
     if timed < len(shared):
-        print(f"\n* timed on two machines: left out of the time totals ({len(shared) - timed} runs)")
+        print(f"\n* not timed on one machine boot (two machines, a reboot between, or a run resumed elsewhere): "
+              f"left out of the time totals ({len(shared) - timed} runs)")
     return 0
 
 

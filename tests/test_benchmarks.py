@@ -347,7 +347,8 @@ def test_seed_table_puts_the_bench_beside_the_seed_s_expected_numbers(tmp_path):
 def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
     """benchmarks/commit_records.sh: a finished run is copied into the results directory and committed alone
     (a file staged by someone else stays staged, outside the commit), its message naming the run and its score;
-    a run in progress (config.json only) is not; a second pass commits nothing; a missing directory is refused."""
+    a run in progress (config.json only) is not; a second pass commits nothing; a missing directory, a destination
+    inside the runs (each pass would copy the copies) and one git ignores (no commit could ever land) are refused."""
     import os
     import shutil
     import subprocess
@@ -387,3 +388,10 @@ def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
     missing = subprocess.run([script, "nowhere", "results/records", "results/x", "0"], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip() == "commit_records.sh: no directory nowhere"
+    inside = subprocess.run([script, "runs", "runs/kept", "results/x", "0"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert inside.returncode == 2 and inside.stderr.strip() == "commit_records.sh: runs/kept is inside runs"
+    (repo / ".gitignore").write_text("scratch/\n")
+    ignored = subprocess.run([script, "runs", "scratch/records", "results/x", "0"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert ignored.returncode == 2 and ignored.stderr.strip() == "commit_records.sh: git ignores scratch/records"

@@ -60,3 +60,35 @@ def test_release_1_timing_names_and_bad_values_read_typed():
                                       optimizer_steps=40)
     assert record.budget == RunBudget(rank=2, lora_alpha=4.0)
     assert record.train_seconds == 12.0 and record.init_seconds is None
+
+
+def test_a_run_s_machines_never_pass_for_one_where_a_stretch_could_not_be_told():
+    """Boot ids pair runs' times; a stretch whose machine is unknown must not let a resumed run pass for one
+    machine's: a checkpoint written before boots were kept, a host without /proc's boot id, or a resumed record
+    that names only its last stretch's machine (env)."""
+    import torch
+
+    from fwlora.progress import TrainingProgress
+    from fwlora.records import Status, same_machine
+
+    def record(**values):
+        return RunRecord(status=Status.COMPLETE, task="cola", method="lora", seed=0, config={}, **values)
+
+    on_x = record(env={"boot_id": "x"})
+    assert on_x.machines == ["x"] and on_x.boot_id == "x"
+    resumed = record(env={"boot_id": "x"}, timing={"resumes": 1})
+    assert resumed.machines == ["x", "unknown"] and resumed.boot_id is None and not resumed.same_machine(on_x)
+    listed = record(env={"boot_id": "x"}, timing={"resumes": 1, "boot_ids": ["x"]})
+    assert listed.same_machine(on_x)  # resumed on the machine it started on
+    assert RunRecord.from_dict({**record().to_dict(), "timing": {"boot_ids": [None, "", 3, "y"]}}).machines == ["y"]
+
+    progress = TrainingProgress.start(torch.device("cpu"), 10)
+    progress.note_machine(None)  # no boot id on this host
+    progress.note_machine("x")
+    assert progress.boot_ids == ["unknown", "x"] and not same_machine(progress.boot_ids, ["x"])
+    saved = progress.to_dict()
+    del saved["boot_ids"]  # a checkpoint from before boots were kept
+    later = TrainingProgress.start(torch.device("cpu"), 10)
+    later.load_dict(saved)
+    later.note_machine("x")
+    assert later.boot_ids == ["unknown", "x"] and later.resumes == 1

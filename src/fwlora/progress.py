@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fwlora.records import UNKNOWN_MACHINE
+
 
 @dataclass
 class LossSums:
@@ -114,8 +116,10 @@ class TrainingProgress:
             self.param_counts.append([self.global_step + 1, count])
 
     def note_machine(self, boot_id: str | None) -> None:
-        """The machine this stretch trains on (a resumed run's seconds may come from several)."""
-        if boot_id and boot_id not in self.boot_ids:
+        """The machine this stretch trains on (a resumed run's seconds may come from several); one that cannot
+        be told is noted as unknown, so that a run resumed elsewhere never passes for one machine's."""
+        boot_id = boot_id or UNKNOWN_MACHINE
+        if boot_id not in self.boot_ids:
             self.boot_ids.append(boot_id)
 
     def finish_epoch(self, entry: dict) -> None:
@@ -143,7 +147,7 @@ class TrainingProgress:
         self.param_counts = values.get("param_counts", self.param_counts)
         self.has_extra_loss = values.get("has_extra_loss", False)
         self.resumes = values.get("resumes", 0) + 1  # loading a checkpoint is resuming from it
-        self.boot_ids = list(values.get("boot_ids", []))
+        self.boot_ids = list(values.get("boot_ids", [UNKNOWN_MACHINE]))  # a checkpoint that did not say where
         self.epoch_losses.loss.fill_(values["loss_sum"])
         self.epoch_losses.extra.fill_(values["penalty_sum"])
         self.epoch_losses.count = values["loss_count"]

@@ -97,7 +97,7 @@ class RunTiming:
         memory, boots = values.get("peak_memory"), values.get("boot_ids")
         return cls(**numbers, optimizer_steps=_count(values.get("optimizer_steps")),
                    resumes=_count(values.get("resumes")), peak_memory=memory if isinstance(memory, dict) else None,
-                   boot_ids=[str(b) for b in boots] if isinstance(boots, list) else None)
+                   boot_ids=[b for b in boots if isinstance(b, str) and b] if isinstance(boots, list) else None)
 
 
 @dataclass
@@ -139,6 +139,9 @@ class RunBudget:
             else:
                 out[f.name] = _count(v)
         return cls(**out)
+
+
+UNKNOWN_MACHINE = "unknown"  # a stretch whose machine could not be told: it pairs with no other machine's
 
 
 def same_machine(a: Sequence[str], b: Sequence[str]) -> bool:
@@ -238,7 +241,10 @@ class RunRecord:
         if self.timing.boot_ids:
             return list(self.timing.boot_ids)
         value = (self.env or {}).get("boot_id")
-        return [value] if isinstance(value, str) and value else []
+        if not (isinstance(value, str) and value):
+            return []
+        # env is the last stretch's: a resumed run that did not list its boots may have started elsewhere
+        return [value, UNKNOWN_MACHINE] if self.timing.resumes else [value]
 
     @property
     def boot_id(self) -> str | None:
