@@ -164,3 +164,23 @@ def test_bench_refuses_one_lr_for_every_column_of_a_search(tmp_path):
                           "--set", "lr=1e-3", "--output-dir", str(tmp_path / "o"), "--dry-run"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--set lr" in out.stderr
+
+
+def test_bench_refuses_a_flag_the_search_would_silently_replace(tmp_path):
+    """The search sets the seed always, and tasks and size where its block names them: --tasks rte with
+    --lr-search must not run CoLA unannounced (nor tune on a held-out task); --methods still narrows."""
+    fixed = lr_search.fixed_by_search({**PRESET, "lr_search": {**PRESET["lr_search"], "tasks": ["cola", "sst2"]}})
+    assert fixed == {"seeds": "the design seed 100", "tasks": "cola, sst2", "ranks": "rank 2", "budgets": "rank 2"}
+    assert set(lr_search.fixed_by_search({**PRESET, "lr_search": {"lrs": [1e-3, 2e-3]}})) == {"seeds"}
+    assert lr_search.fixed_by_search({k: v for k, v in PRESET.items() if k != "lr_search"}) == {}
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({k: v for k, v in PRESET.items() if k != "source"}))
+    base = [sys.executable, "-m", "fwlora", "bench", "--preset", str(preset), "--lr-search", "--output-dir",
+            str(tmp_path / "o"), "--dry-run"]
+    out = subprocess.run([*base, "--ranks", "8"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--ranks does not apply to --lr-search" in out.stderr and "rank 2" in out.stderr
+    out = subprocess.run([*base, "--seeds", "3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "design seed 100" in out.stderr
+    out = subprocess.run([*base, "--methods", "lora"], capture_output=True, text=True)
+    assert out.returncode == 0 and "lora_r3" not in out.stdout and "lora_lr1e-3" in out.stdout, out.stderr

@@ -131,6 +131,21 @@ def search_preset(preset: dict[str, Any], extended: dict[str, tuple[float, ...]]
     return out
 
 
+def fixed_by_search(preset: dict[str, Any]) -> dict[str, str]:
+    """The grid keys the search sets whatever the grid says, each with what it sets them to: the design seed
+    always; tasks and size where the lr_search block names them (a flag there would be silently replaced)."""
+    search = LrSearch.from_preset(preset)
+    if search is None:
+        return {}
+    fixed = {"seeds": f"the design seed {search.seed}"}
+    if search.tasks:
+        fixed["tasks"] = ", ".join(search.tasks)
+    if search.ranks or search.budgets:
+        size = f"rank {search.ranks[0]}" if search.ranks else f"budget {search.budgets[0]:g} %"
+        fixed.update(ranks=size, budgets=size)
+    return fixed
+
+
 def grid_columns(preset: dict[str, Any]) -> list[str]:
     """The grid's columns (methods or variants), in order."""
     value = (preset.get("grid") or {}).get("methods") or []

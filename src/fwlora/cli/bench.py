@@ -64,10 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--lr-search", action="store_true",
                    help="equal-effort learning rates: run the preset's lr_search (every column at every lr "
-                        "on the "
-                        "design seed), then write <output-dir>/frozen.yaml with each column's best lr; "
-                        "commit it "
-                        "and run the evaluation seeds with it (src/fwlora/lr_search.py says the rule)")
+                        "on the design seed), then write <output-dir>/frozen.yaml with each column's best lr; "
+                        "commit it and run the evaluation seeds with it (src/fwlora/lr_search.py says the rule). "
+                        "--methods narrows the columns; the search sets the seed, and the tasks and size where "
+                        "its block names them")
     workers = p.add_argument_group("several workers on one --output-dir (GPUs, machines, a Slurm job array)")
     workers.add_argument("--worker", metavar="I/N",
                          help="run worker I's share of N (0 <= I < N): the grid's seed/task/budget groups "
@@ -95,6 +95,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if (args.lr_search or "lr_choice" in preset) and any(k.split("=")[0].strip() == "lr" for k in args.set):
         raise UserError("--set lr=... would give every column one lr: the lr search or the frozen preset sets them")
     if args.lr_search:  # the flags narrow the grid first; the search then sets seed, tasks and size
+        for key, value in lr_search.fixed_by_search(preset).items():
+            if overrides[key] is not None:
+                raise UserError(f"--{key} does not apply to --lr-search: {preset['source']}'s lr search runs on "
+                                f"{value} (its lr_search block), the same for every column")
         grid = {**(preset.get("grid") or {}), **{k: v for k, v in overrides.items() if v is not None}}
         searched = {**preset, "grid": grid}
         preset, overrides = lr_search.search_preset(searched), {}
