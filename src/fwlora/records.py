@@ -141,7 +141,9 @@ class RunBudget:
         return cls(**out)
 
 
-UNKNOWN_MACHINE = "unknown"  # a stretch whose machine could not be told: it pairs with no other machine's
+# a stretch whose machine could not be told: a run with one such stretch and another pairs with no run; a run
+# timed only where no machine could be told pairs with another such run (as two records that do not say)
+UNKNOWN_MACHINE = "unknown"
 
 
 def same_machine(a: Sequence[str], b: Sequence[str]) -> bool:
