@@ -22,6 +22,11 @@ case "$(realpath -m "$dest")/" in "$(realpath "$runs")"/*)  # its copies would b
 [ "$(git rev-parse --is-inside-work-tree 2>/dev/null)" = true ] || { echo "commit_records.sh: not inside a git work tree: $(pwd)" >&2; exit 2; }
 if git check-ignore -q -- "$dest/result.json"; then echo "commit_records.sh: git ignores $dest" >&2; exit 2; fi
 
+held() {  # git holds the run's copy in RESULTS_RECORDS_DIR as it is in RUNS_DIR
+  cmp -s "$runs/$1/result.json" "$dest/$1/result.json" \
+    && git ls-files --error-unmatch "$dest/$1/result.json" >/dev/null 2>&1 && git diff --quiet HEAD -- "$dest/$1"
+}
+
 message() {  # one line for the run's commit, from the copy being committed
   HF_HUB_OFFLINE=1 "$python" - "$1" <<'PY' 2>/dev/null
 import sys
@@ -38,10 +43,7 @@ while true; do
   failed=0
   while IFS= read -r -d '' rel_result; do
     rel=$(dirname "$rel_result"); run="$runs/$rel"; target="$dest/$rel"
-    if cmp -s "$run/result.json" "$target/result.json" && git ls-files --error-unmatch "$target/result.json" \
-        >/dev/null 2>&1 && git diff --quiet HEAD -- "$target"; then
-      continue  # committed as it is
-    fi
+    if held "$rel"; then continue; fi
     mkdir -p "$target" && cp "$run/result.json" "$target/result.json" || { failed=1; continue; }
     files=("$target/result.json")
     if [ -f "$run/config.json" ]; then cp "$run/config.json" "$target/" && files+=("$target/config.json"); fi
@@ -52,8 +54,7 @@ while true; do
       if git add -- "${files[@]}" && git commit -q -m "$prefix: $text" -- "${files[@]}"; then committed=1; break; fi
       sleep 5
     done
-    if [ $committed = 0 ] && git ls-files --error-unmatch "$target/result.json" >/dev/null 2>&1 \
-        && git diff --quiet HEAD -- "${files[@]}"; then
+    if [ $committed = 0 ] && held "$rel"; then
       echo "$(date +%H:%M) $rel: already committed as it is"; continue  # another commit took it meanwhile
     fi
     if [ $committed = 1 ]; then echo "$(date +%H:%M) committed $rel: $text"
