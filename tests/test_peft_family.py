@@ -1,11 +1,13 @@
-"""PEFT's LoRA family as methods (rsLoRA, DoRA, PiSSA, OLoRA, LoRA-GA, EVA, LoRA+), on a tiny random BERT:
+"""PEFT's LoRA family as methods (rsLoRA, DoRA, PiSSA, OLoRA, LoRA-GA, EVA, LoRA+), on a tiny random BERT, and
+our gradient-started methods (GoRA, LoRA-One, spectral widecut) where a test is the same for them:
 - each one's first optimizer steps through fwlora's setup and loop equal PEFT used directly, by hand (same seed,
   same batches in the loop's order; PEFT's configs, preprocess_loraga and initialize_lora_eva_weights called
   here, LoRA+'s groups written by hand with the head at lr): the same losses and weights;
 - `fwlora train --method X` runs, and the saved run loads back (load_run) and merges (export_run) with the logits
   the model had when training ended (PiSSA, OLoRA and LoRA-GA through PEFT's conversion to a plain LoRA on the
-  untouched backbone, head included);
-- the trained parameters match a hand count from the model's dimensions (DoRA's magnitudes, EVA's ranks);
+  untouched backbone, head included; GoRA's per-matrix ranks and spectral widecut's after its cut);
+- the trained parameters match a hand count from the model's dimensions (DoRA's magnitudes, EVA's and GoRA's
+  ranks, spectral widecut's wide phase and its cut);
 - the recorded dW of an initialisation that starts away from zero is the update training made;
 - a quantized backbone is refused in one line where PEFT cannot build the method; a real bench (with GoRA,
   LoRA-One and spectral widecut), its report and a sweep run every one.
@@ -29,7 +31,9 @@ from fwlora.methods.base import RunInfo
 from fwlora.trainer import EpochSampler, StopSignals, Trainer
 
 FAMILY = ["rslora", "dora", "pissa", "olora", "loraga", "eva", "loraplus"]
-OWN = {"loraga": {"loraga_batches": 2}, "eva": {"eva_batches": 2}}  # short data passes
+OURS = ["gora", "loraone", "specwide"]  # not in PEFT: saved, loaded, merged and counted the same way
+OWN = {"loraga": {"loraga_batches": 2}, "eva": {"eva_batches": 2}, "gora": {"gora_batches": 2},  # short passes
+       "loraone": {"loraone_batches": 2}, "specwide": {"specwide_batches": 2, "specwide_cut_at": 2}}
 RANK, ALPHA, LR, STEPS = 2, 4.0, 5e-3, 3
 HIDDEN, INTERMEDIATE, LAYERS = 32, 48, 2
 TEXTS = ["the film was good", "a dull and boring book", "the city at night"]
@@ -147,7 +151,8 @@ def test_first_steps_equal_peft_used_directly(method, tiny_dir, glue, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_runs(tiny_dir, glue, tmp_path_factory):
-    """`fwlora train --method X` for LoRA and the family, with each model's logits on TEXTS when training ended."""
+    """`fwlora train --method X` for LoRA, the family and ours, with each model's logits on TEXTS when training
+    ended (4 optimizer steps: 32 examples in batches of 8)."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("runs")
@@ -165,7 +170,7 @@ def cli_runs(tiny_dir, glue, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "end", end)
-        for method in ["lora", *FAMILY]:
+        for method in ["lora", *FAMILY, *OURS]:
             own = {"loraga_scale": "weight_svd"} if method == "loraga" else {}  # a start as large as W's top part
             flags = [x for k, v in {**settings(tiny_dir, glue, root / method, method), **own}.items()
                      for x in ("--" + k.replace("_", "-"), str(v))]
@@ -177,7 +182,7 @@ def record(root: Path, method: str) -> dict:
     return json.loads((root / method / "result.json").read_text())
 
 
-@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("method", FAMILY + OURS)
 def test_a_saved_run_loads_and_merges_with_the_logits_it_trained_to(method, cli_runs, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -189,7 +194,8 @@ def test_a_saved_run_loads_and_merges_with_the_logits_it_trained_to(method, cli_
     with torch.no_grad():
         loaded = run.model(**batch).logits
     assert torch.allclose(loaded, seen[method], atol=1e-5), (loaded - seen[method]).abs().max()
-    assert not torch.allclose(seen[method], seen["lora"], atol=1e-4)  # trained to something of its own
+    # trained to something of its own, that the check above tells from LoRA's (GoRA's small start stays close)
+    assert not torch.allclose(seen[method], seen["lora"], atol=1e-5), (seen[method] - seen["lora"]).abs().max()
     merged = AutoModelForSequenceClassification.from_pretrained(export_run(root / method, tmp_path / "m", merged=True))
     with torch.no_grad():
         assert torch.allclose(merged.eval()(**batch).logits, seen[method], atol=1e-5)
@@ -212,22 +218,38 @@ def size_of(name: str) -> int:
     return sizes[next(k for k in sorted(sizes, key=len, reverse=True) if name.endswith(k))]
 
 
-@pytest.mark.parametrize("method", ["lora", *FAMILY])
+def by_ranks(ranks: dict[str, int]) -> int:
+    """Adapter parameters of per-matrix ranks: r (d_in + d_out) each."""
+    assert len(ranks) == 6 * LAYERS
+    return sum(k * size_of(n) for n, k in ranks.items())
+
+
+@pytest.mark.parametrize("method", ["lora", *FAMILY, *OURS])
 def test_trained_parameters_match_a_hand_count(method, cli_runs):
     root, _, _ = cli_runs
     r = record(root, method)
+    budget, info = r["budget"], r["method_info"]
     lora = RANK * LAYERS * sum(matrix_sizes().values())  # r (d_in + d_out) per matrix
+    assert budget["adapter_params"] == lora  # every method's budget is LoRA's at the rank
+    initial = final = None  # where they differ from the parameters trained at the end
     if method == "dora":  # + one magnitude per output row
         expected = lora + LAYERS * (4 * HIDDEN + INTERMEDIATE + HIDDEN)
-    elif method == "eva":  # its redistributed ranks, their total LoRA's
-        ranks = r["method_info"]["ranks"]
-        assert len(ranks) == 6 * LAYERS and sum(ranks.values()) == RANK * 6 * LAYERS
-        assert max(ranks.values()) <= 2 * RANK  # rho = 2
-        expected = sum(k * size_of(n) for n, k in ranks.items())
+    elif method in ("eva", "gora"):  # redistributed ranks, their total LoRA's
+        ranks = info["ranks"]
+        assert sum(ranks.values()) == RANK * 6 * LAYERS and max(ranks.values()) <= 2 * RANK  # EVA's rho = 2
+        expected = by_ranks(ranks)
+        if method == "gora":  # its budget is met exactly: the ranks were fitted to it (shapes that allow it)
+            assert expected == lora
+    elif method == "specwide":  # 3 = ceil(1.5 r) wide for its first 2 of 4 steps, then cut to LoRA's budget
+        initial, final = 3 * LAYERS * sum(matrix_sizes().values()), by_ranks(info["ranks"])
+        assert final <= lora and sum(info["ranks"].values()) <= RANK * 6 * LAYERS
+        expected = final
     else:
         expected = lora
-    assert r["budget"]["adapter_trainable_params"] == expected
-    assert r["budget"]["trained_adapter_params_mean"] == expected
+    initial, final = initial or expected, final or expected
+    assert budget["adapter_trainable_params"] == expected
+    assert (budget["trained_adapter_params_initial"], budget["trained_adapter_params_final"]) == (initial, final)
+    assert budget["trained_adapter_params_mean"] == pytest.approx((2 * initial + 2 * final) / 4, abs=1e-9)
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora", "loraga"])
