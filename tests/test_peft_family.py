@@ -236,9 +236,11 @@ def test_trained_parameters_match_a_hand_count(method, cli_runs):
         expected = lora + LAYERS * (4 * HIDDEN + INTERMEDIATE + HIDDEN)
     elif method in ("eva", "gora"):  # redistributed ranks, their total LoRA's
         ranks = info["ranks"]
-        assert sum(ranks.values()) == RANK * 6 * LAYERS and max(ranks.values()) <= 2 * RANK  # EVA's rho = 2
+        assert sum(ranks.values()) == RANK * 6 * LAYERS
         expected = by_ranks(ranks)
-        if method == "gora":  # its budget is met exactly: the ranks were fitted to it (shapes that allow it)
+        if method == "eva":
+            assert max(ranks.values()) <= 2 * RANK  # rho = 2
+        else:  # GoRA fits its ranks to LoRA's parameter count, not only to its total rank
             assert expected == lora
     elif method == "specwide":  # 3 = ceil(1.5 r) wide for its first 2 of 4 steps, then cut to LoRA's budget
         initial, final = 3 * LAYERS * sum(matrix_sizes().values()), by_ranks(info["ranks"])

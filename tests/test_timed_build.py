@@ -15,10 +15,10 @@ import pytest
 
 from test_cli import tiny
 
-from fwlora import train as train_module
-from fwlora.cli import main
 from fwlora import device as device_module
+from fwlora import train as train_module
 from fwlora import trainer as trainer_module
+from fwlora.cli import main
 from fwlora.methods import REGISTRY, get
 
 BUILD, WARM_UP, CUT = 100.0, 1000.0, 10.0  # seconds a fake clock advances while each runs
@@ -115,7 +115,7 @@ def test_the_cut_is_in_its_step_s_time_and_the_run_s(method, flags, tmp_path, gl
 
     def slow_cut(self, step):
         resized = real_step(self, step)
-        if resized:  # the cut and (next, in the same step) the optimizer's refresh
+        if resized:  # the cut's seconds (the optimizer's refresh follows, in the same step)
             cuts.append(step)
             clock.now += CUT
         return resized
