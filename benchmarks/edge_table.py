@@ -120,6 +120,12 @@ def time_ratios(task: str, label: str, reference: str, timings: dict, sessions: 
     return ratios
 
 
+def over_seeds(per_seed: dict[int, float]) -> str:
+    """Mean ± std over seeds and how many ("(1 seed)" alone where there is one)."""
+    text = fmt_mean_std(mean_std(list(per_seed.values())))
+    return text if len(per_seed) == 1 else f"{text} ({len(per_seed)})"
+
+
 def finals(runs: dict) -> dict[int, float]:
     return {s: r.metric_value("final") for s, r in runs.items()}
 
@@ -144,7 +150,7 @@ def rows_for(task: str, columns: dict, order: list[str], reference: str, rival: 
         shares = [share(r) for r in runs.values() if r.matrices]
         kind_share = {k: statistics.fmean(s.get(k, 0.0) for s in shares) if shares else None for k in KINDS}
         init = [r.init_seconds / r.train_seconds for r in runs.values() if r.init_seconds is not None and r.train_seconds]
-        rows.append([label, f"{fmt_mean_std(mean_std(list(mine.values())))} ({len(mine)})",
+        rows.append([label, over_seeds(mine),
                      "—" if label == reference else fmt_ci(vs["ref"]), "—" if label == rival else fmt_ci(vs["rival"]),
                      f"{fmt_count(b.trained_adapter_params_initial)} → {fmt_count(b.trained_adapter_params_final)}"
                      f" (mean {fmt_count(b.trained_adapter_params_mean)})",
@@ -185,7 +191,7 @@ def goal_section(data: dict, goal: str, tasks: list[str], reference: str, rival:
     labels = list(dict.fromkeys(label for t in tasks for label in data[t]))
     pooled = {label: pooled_finals(data, label, tasks) for label in labels}
     times = {label: pooled_time(data, label, tasks, reference, timings, sessions) for label in labels}
-    rows = [[label, f"{fmt_mean_std(mean_std(list(pooled[label].values())))} ({len(pooled[label])})",
+    rows = [[label, over_seeds(pooled[label]),
              fmt_ratio(times[label], 2) if times[label] is not None else "—"] for label in labels]
     lines = [f"### pooled over {', '.join(tasks)}: every column, and the goal of {goal}", "",
              markdown_table(["column", "mean over tasks (seeds)", f"time / {reference}"], rows), ""]

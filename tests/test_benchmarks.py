@@ -395,3 +395,10 @@ def test_commit_records_commits_each_finished_run_once_with_its_score(tmp_path):
     ignored = subprocess.run([script, "runs", "scratch/records", "results/x", "0"], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=60)
     assert ignored.returncode == 2 and ignored.stderr.strip() == "commit_records.sh: git ignores scratch/records"
+
+
+def test_a_column_s_seed_count_is_said_once():
+    """One seed: "(1 seed)" from the formatter alone; two: mean ± sample std (0.1 / sqrt 2 = 0.071) and the count."""
+    edge = load_script("edge_table")
+    assert edge.over_seeds({0: 0.5}) == "0.500 (1 seed)"
+    assert edge.over_seeds({0: 0.5, 1: 0.6}) == "0.550 ± 0.071 (2)"
